@@ -1,0 +1,166 @@
+// Package transport opens the destinations a migration stream can be sent to — tcp:, unix:,
+// file: (also for QEMU 7.2, which has no file: of its own) and exec: — from a QEMU-style URI.
+package transport
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// URI is a parsed destination.
+type URI struct {
+	Scheme string // "tcp", "unix", "file" or "exec"
+	Addr   string // host:port for tcp, the path for unix and file, the shell command for exec
+}
+
+func (u URI) String() string { return u.Scheme + ":" + u.Addr }
+
+// ErrBadURI is wrapped by every Parse error.
+var ErrBadURI = errors.New("bad destination URI")
+
+// Parse reads a destination URI: tcp:HOST:PORT (IPv6 as tcp:[::1]:PORT), unix:PATH, file:PATH
+// or exec:COMMAND.
+func Parse(s string) (URI, error) {
+	scheme, rest, ok := strings.Cut(s, ":")
+	if !ok {
+		return URI{}, fmt.Errorf("%w %q: want tcp:HOST:PORT, unix:PATH, file:PATH or exec:COMMAND", ErrBadURI, s)
+	}
+	u := URI{Scheme: scheme, Addr: rest}
+	switch scheme {
+	case "tcp":
+		host, port, err := net.SplitHostPort(rest)
+		if err != nil {
+			return URI{}, fmt.Errorf("%w %q: %v", ErrBadURI, s, err)
+		}
+		if host == "" {
+			return URI{}, fmt.Errorf("%w %q: no host", ErrBadURI, s)
+		}
+		if p, err := strconv.Atoi(port); err != nil || p <= 0 || p > 65535 {
+			return URI{}, fmt.Errorf("%w %q: port %q is not 1–65535", ErrBadURI, s, port)
+		}
+	case "unix", "file", "exec":
+		if rest == "" || strings.ContainsRune(rest, 0) {
+			return URI{}, fmt.Errorf("%w %q: empty or invalid %s", ErrBadURI, s, map[string]string{"unix": "path", "file": "path", "exec": "command"}[scheme])
+		}
+	default:
+		return URI{}, fmt.Errorf("%w %q: unknown scheme %q (want tcp, unix, file or exec)", ErrBadURI, s, scheme)
+	}
+	return u, nil
+}
+
+// Conn is an open destination. Close finishes the stream and reports whether everything
+// reached the other side as far as this end can tell: for sockets, the write side is shut
+// down and the close succeeded; for files, the data was synced; for exec, the command exited 0.
+type Conn interface {
+	io.Writer
+	Close() error
+	// Abort tears the destination down without finishing it (connection reset, file kept
+	// truncated, command killed): used when the stream must not look complete.
+	Abort()
+}
+
+// Open connects to u before ctx ends.
+func Open(ctx context.Context, u URI) (Conn, error) {
+	switch u.Scheme {
+	case "tcp", "unix":
+		var d net.Dialer
+		c, err := d.DialContext(ctx, u.Scheme, u.Addr)
+		if err != nil {
+			return nil, fmt.Errorf("destination %s: %w", u, err)
+		}
+		return &sockConn{c}, nil
+	case "file":
+		f, err := os.OpenFile(u.Addr, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("destination %s: %w", u, err)
+		}
+		return &fileConn{f}, nil
+	case "exec":
+		cmd := exec.Command("/bin/sh", "-c", u.Addr)
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		w, err := cmd.StdinPipe()
+		if err != nil {
+			return nil, err
+		}
+		if err := cmd.Start(); err != nil {
+			return nil, fmt.Errorf("destination %s: %w", u, err)
+		}
+		return &execConn{cmd: cmd, w: w}, nil
+	}
+	return nil, fmt.Errorf("%w: %s", ErrBadURI, u)
+}
+
+type sockConn struct{ net.Conn }
+
+func (c *sockConn) Close() error {
+	type closeWriter interface{ CloseWrite() error }
+	if cw, ok := c.Conn.(closeWriter); ok {
+		if err := cw.CloseWrite(); err != nil {
+			c.Conn.Close()
+			return err
+		}
+	}
+	return c.Conn.Close()
+}
+
+func (c *sockConn) Abort() {
+	if tc, ok := c.Conn.(*net.TCPConn); ok {
+		tc.SetLinger(0) // RST: the destination sees an error, never a clean end of stream
+	}
+	c.Conn.Close()
+}
+
+type fileConn struct{ *os.File }
+
+func (f *fileConn) Close() error {
+	if err := f.File.Sync(); err != nil {
+		f.File.Close()
+		return err
+	}
+	return f.File.Close()
+}
+
+func (f *fileConn) Abort() { f.File.Close() }
+
+type execConn struct {
+	cmd *exec.Cmd
+	w   io.WriteCloser
+}
+
+func (e *execConn) Write(p []byte) (int, error) { return e.w.Write(p) }
+
+// execWaitLimit bounds how long Close waits for the command to exit after its stdin closed.
+const execWaitLimit = 60 * time.Second
+
+func (e *execConn) Close() error {
+	werr := e.w.Close()
+	done := make(chan error, 1)
+	go func() { done <- e.cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("destination command: %w", err)
+		}
+		return werr
+	case <-time.After(execWaitLimit):
+		syscall.Kill(-e.cmd.Process.Pid, syscall.SIGKILL)
+		<-done
+		return fmt.Errorf("destination command did not exit %v after the stream ended", execWaitLimit)
+	}
+}
+
+func (e *execConn) Abort() {
+	e.w.Close()
+	syscall.Kill(-e.cmd.Process.Pid, syscall.SIGKILL)
+	e.cmd.Wait()
+}
