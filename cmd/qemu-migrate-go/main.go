@@ -1,0 +1,86 @@
+// Command qemu-migrate-go live-migrates a running QEMU VM to a stock QEMU started with -incoming,
+// producing the migration stream through its own engine. Flags map to engine options; the logic
+// lives in the packages.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
+)
+
+// Exit codes (README "Exit codes").
+const (
+	exitOK          = 0
+	exitInternal    = 1
+	exitUsage       = 2
+	exitSource      = 3
+	exitDestination = 4
+	exitPolicy      = 5
+	exitCancelled   = 6
+	exitInvalid     = 7 // inspect --verify / restore: the stream is not valid
+)
+
+// exitError carries an exit code through urfave/cli.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
+
+func main() {
+	app := &cli.App{
+		Name:  "qemu-migrate-go",
+		Usage: "live-migrate a running QEMU VM to a QEMU started with -incoming, through the sidecar's own engine",
+		UsageText: "qemu-migrate-go --qmp SOCK --to tcp:HOST:PORT [options]\n" +
+			"qemu-migrate-go inspect [--json] FILE|-\n" +
+			"qemu-migrate-go restore --from FILE --to tcp:HOST:PORT",
+		Flags:           migrateFlags(),
+		Action:          runMigrate,
+		HideHelpCommand: true,
+		Commands: []*cli.Command{
+			{Name: "migrate", Usage: "migrate a running VM (the default command)", Flags: migrateFlags(), Action: runMigrate},
+			inspectCommand(),
+			restoreCommand(),
+		},
+		ExitErrHandler: func(*cli.Context, error) {},
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	err := app.RunContext(ctx, os.Args)
+	stop()
+	os.Exit(exitCode(err))
+}
+
+// exitCode prints err as one line on stderr and maps it to the documented exit code.
+func exitCode(err error) int {
+	if err == nil {
+		return exitOK
+	}
+	fmt.Fprintln(os.Stderr, "qemu-migrate-go:", err)
+	var ee *exitError
+	if errors.As(err, &ee) {
+		return ee.code
+	}
+	switch {
+	case errors.Is(err, context.Canceled):
+		return exitCancelled
+	case errors.Is(err, savevm.ErrUsage):
+		return exitUsage
+	case errors.Is(err, savevm.ErrPolicy):
+		return exitPolicy
+	case errors.Is(err, savevm.ErrSource):
+		return exitSource
+	case errors.Is(err, savevm.ErrDestination):
+		return exitDestination
+	}
+	return exitUsage // flag parsing and argument errors from urfave/cli
+}

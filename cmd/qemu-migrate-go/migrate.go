@@ -1,0 +1,93 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
+	"github.com/qemu-migrate-go/qemu-migrate-go/transport"
+)
+
+func migrateFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "qmp", Usage: "QMP unix socket of the source QEMU", EnvVars: []string{"QMG_QMP"}},
+		&cli.StringFlag{Name: "to", Usage: "destination: tcp:HOST:PORT, unix:PATH, file:PATH or exec:COMMAND"},
+		&cli.StringFlag{Name: "dst-qmp", Usage: "QMP unix socket of the destination QEMU (optional: version, state and its own error on failure)"},
+		&cli.DurationFlag{Name: "downtime", Value: 300 * time.Millisecond, Usage: "longest guest stop the switchover may cause"},
+		&cli.Int64Flag{Name: "bandwidth", Usage: "cap on the source's sending rate in bytes/s (0 = unlimited)"},
+		&cli.IntFlag{Name: "max-iterations", Usage: "switch over after this many passes over RAM (0 = no limit)"},
+		&cli.DurationFlag{Name: "timeout", Usage: "limit on the live phase (0 = none)"},
+		&cli.StringFlag{Name: "timeout-action", Value: "abort", Usage: "at --timeout: abort (source keeps running) or pause (stop the guest to complete)"},
+		&cli.DurationFlag{Name: "stall-timeout", Value: 30 * time.Second, Usage: "abort when no data moves for this long"},
+		&cli.BoolFlag{Name: "json", Usage: "write JSON-lines events to stdout (schema: README)"},
+		&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no progress display, only errors"},
+	}
+}
+
+func runMigrate(c *cli.Context) error {
+	if c.String("qmp") == "" || c.String("to") == "" {
+		return &exitError{exitUsage, fmt.Errorf("--qmp and --to are required (see --help)")}
+	}
+	to, err := transport.Parse(c.String("to"))
+	if err != nil {
+		return &exitError{exitUsage, err}
+	}
+	ui := newProgress(c.Bool("json"), c.Bool("quiet"))
+	opt := savevm.MigrateOptions{
+		SourceQMP: c.String("qmp"),
+		To:        to,
+		DstQMP:    c.String("dst-qmp"),
+		Options: savevm.Options{
+			Policy: savevm.Policy{
+				Downtime:      c.Duration("downtime"),
+				Bandwidth:     c.Int64("bandwidth"),
+				MaxIterations: c.Int("max-iterations"),
+				Timeout:       c.Duration("timeout"),
+				TimeoutAction: savevm.TimeoutAction(c.String("timeout-action")),
+				StallTimeout:  c.Duration("stall-timeout"),
+			},
+			Events: ui.event,
+			Warn:   ui.warn,
+		},
+	}
+	sum, err := savevm.Migrate(c.Context, opt)
+	ui.close()
+	if err != nil {
+		if c.Context.Err() != nil {
+			return &exitError{exitCancelled, fmt.Errorf("interrupted: %w", err)}
+		}
+		return err
+	}
+	if !c.Bool("json") && !c.Bool("quiet") {
+		printSummary(sum)
+	}
+	return nil
+}
+
+func printSummary(s savevm.Summary) {
+	fmt.Fprintf(os.Stderr, "migrated: total %v, downtime %v (QEMU: %v; device state %d KiB in %v), %s sent, %d pages + %d zero pages, %d iterations; source is paused in postmigrate\n",
+		ms(s.TotalTimeMs), ms(s.DowntimeMs), ms(s.QEMUDowntimeMs), s.TailBytes>>10, ms(s.TailMs),
+		human(s.BytesOut), s.NormalPages, s.ZeroPages, s.Iterations)
+}
+
+func ms(v int64) time.Duration { return time.Duration(v) * time.Millisecond }
+
+func human(b int64) string {
+	switch {
+	case b >= 1<<30:
+		return fmt.Sprintf("%.2f GiB", float64(b)/(1<<30))
+	case b >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20))
+	}
+	return fmt.Sprintf("%d KiB", b>>10)
+}
+
+// jsonOut writes one JSON line to stdout.
+func jsonOut(v any) {
+	b, _ := json.Marshal(v)
+	os.Stdout.Write(append(b, '\n'))
+}

@@ -1,0 +1,73 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"sync"
+
+	"github.com/schollz/progressbar/v3"
+	"golang.org/x/term"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
+)
+
+// progress shows engine events: a progress bar on a TTY, JSON lines with --json, nothing
+// otherwise (hook scripts); warnings always go to stderr.
+type progress struct {
+	mu   sync.Mutex
+	json bool
+	bar  *progressbar.ProgressBar
+}
+
+func newProgress(jsonLines, quiet bool) *progress {
+	p := &progress{json: jsonLines}
+	if !jsonLines && !quiet && term.IsTerminal(int(os.Stderr.Fd())) {
+		p.bar = progressbar.NewOptions64(-1,
+			progressbar.OptionSetWriter(os.Stderr),
+			progressbar.OptionShowBytes(true),
+			progressbar.OptionSetWidth(30),
+			progressbar.OptionThrottle(100_000_000),
+			progressbar.OptionClearOnFinish(),
+			progressbar.OptionSetDescription("setup"))
+	}
+	return p
+}
+
+func (p *progress) event(e savevm.Event) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.json {
+		jsonOut(e)
+		return
+	}
+	if p.bar == nil {
+		return
+	}
+	switch e.Type {
+	case "progress", "phase", "iteration":
+		if e.Total > 0 {
+			p.bar.ChangeMax64(e.Transferred + e.Remaining)
+		}
+		p.bar.Set64(e.Transferred)
+		p.bar.Describe(fmt.Sprintf("%-8s iter %d  rate %s/s  dirty %s/s  remaining %s  exp. downtime %dms",
+			e.Phase, e.Iteration, human(int64(e.Rate)), human(int64(e.DirtyRate)), human(e.Remaining), e.ExpectedDowntimeMs))
+	case "policy":
+		p.bar.Describe(string(e.Phase) + ": " + e.Message)
+	}
+}
+
+func (p *progress) warn(msg string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.json {
+		fmt.Fprintln(os.Stderr, "qemu-migrate-go: warning:", msg)
+	}
+}
+
+func (p *progress) close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.bar != nil {
+		p.bar.Finish()
+	}
+}

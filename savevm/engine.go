@@ -1,0 +1,459 @@
+// Package savevm is the sidecar's migration engine, shaped like QEMU's savevm: registered
+// handlers for the sections of the stream, the setup → iterate → complete run loop, the
+// switchover policy, statistics and progress events. In relay mode the pages come from the
+// decoded stream of the source QEMU, which migrates into a private socket of the sidecar.
+package savevm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
+	"github.com/qemu-migrate-go/qemu-migrate-go/stream"
+)
+
+// Control is what the engine needs of the source QEMU; *qmp.Client implements it.
+type Control interface {
+	QueryMigrate(ctx context.Context) (qmp.MigrationInfo, error)
+	SetParameters(ctx context.Context, params map[string]any) error
+	Stop(ctx context.Context) error
+}
+
+// Options configure a relay.
+type Options struct {
+	Policy Policy
+	// DstSeries is the destination's QEMU series ("7.2", "10.0"), when known (--dst-qmp); it
+	// selects the compatibility rules of design.md. "" = unknown: records are passed on as the
+	// source made them.
+	DstSeries string
+	// Events receives progress events; nil = none. It is called from the engine's goroutines and
+	// must not block for long.
+	Events func(Event)
+	// Warn receives warnings (heuristic boundaries, rewritten records); nil = discard.
+	Warn func(string)
+	// PollInterval is how often the policy looks at the source (default 100 ms).
+	PollInterval time.Duration
+	// Limits caps what the stream reader allocates.
+	Limits *stream.Limits
+}
+
+// Phase is where a migration is.
+type Phase string
+
+// Phases, in order.
+const (
+	PhaseSetup    Phase = "setup"    // header, configuration, START sections
+	PhaseIterate  Phase = "iterate"  // PART sections while the guest runs
+	PhaseComplete Phase = "complete" // guest stopped: END sections
+	PhaseDevices  Phase = "devices"  // device state (FULL sections), EOF, vmdesc
+	PhaseDone     Phase = "done"     // the destination has the complete stream
+)
+
+// Event is one progress event; the JSON form is the `--json` schema (README "JSON events").
+type Event struct {
+	Type      string    `json:"type"` // "phase", "iteration", "progress", "policy", "warning", "summary"
+	Time      time.Time `json:"time"`
+	Phase     Phase     `json:"phase,omitempty"`
+	Iteration int       `json:"iteration,omitempty"`
+	// Bytes written to the destination so far.
+	Transferred int64 `json:"transferred"`
+	// RAM still dirty on the source (QEMU's estimate), bytes.
+	Remaining int64 `json:"remaining"`
+	// Total RAM, bytes.
+	Total int64 `json:"total,omitempty"`
+	// Forwarding rate and the guest's dirty rate, bytes/s.
+	Rate      float64 `json:"rate"`
+	DirtyRate float64 `json:"dirty_rate"`
+	// Remaining / Rate: the downtime a switchover now would cost.
+	ExpectedDowntimeMs int64    `json:"expected_downtime_ms"`
+	Message            string   `json:"message,omitempty"`
+	Summary            *Summary `json:"summary,omitempty"`
+}
+
+// Summary is what a finished relay reports.
+type Summary struct {
+	TotalTimeMs int64 `json:"total_time_ms"`
+	// DowntimeMs as the sidecar saw it: from the first END section (the source had stopped the
+	// guest) until the destination had the complete stream.
+	DowntimeMs int64 `json:"downtime_ms"`
+	// QEMUDowntimeMs is the source QEMU's own figure (0 if it could not be read).
+	QEMUDowntimeMs int64 `json:"qemu_downtime_ms"`
+	// TailMs is the part of the downtime spent forwarding the device state (FULL sections,
+	// EOF and vmdesc), TailBytes its size.
+	TailMs    int64 `json:"tail_ms"`
+	TailBytes int64 `json:"tail_bytes"`
+	// Bytes read from the source and written to the destination.
+	BytesIn  int64 `json:"bytes_in"`
+	BytesOut int64 `json:"bytes_out"`
+	// Page records, by kind.
+	NormalPages     int64 `json:"normal_pages"`
+	ZeroPages       int64 `json:"zero_pages"`
+	XBZRLEPages     int64 `json:"xbzrle_pages"`
+	CompressedPages int64 `json:"compressed_pages"`
+	// Iterations: passes over RAM (QEMU's dirty-sync-count).
+	Iterations int `json:"iterations"`
+	// Sections: bytes per section idstr (headers, bodies and footers).
+	Sections map[string]int64 `json:"sections"`
+	// Rewritten counts records changed for the destination's version (design.md rules).
+	Rewritten int64 `json:"rewritten,omitempty"`
+	// PausedByPolicy is true when --timeout-action pause stopped the guest.
+	PausedByPolicy bool `json:"paused_by_policy,omitempty"`
+}
+
+// PolicyError is returned when the policy ended the migration (timeout, stall).
+type PolicyError struct{ Reason string }
+
+func (e *PolicyError) Error() string { return e.Reason }
+
+// Relay forwards one migration from a source stream to a destination through the engine.
+type Relay struct {
+	src  io.ReadCloser
+	dst  io.WriteCloser
+	ctl  Control
+	opt  Options
+	emit func(Event)
+
+	bytesIn  atomic.Int64
+	bytesOut atomic.Int64
+	phase    atomic.Value // Phase
+
+	mu          sync.Mutex
+	sum         Summary
+	stoppedAt   time.Time // first END section
+	deliveredAt time.Time // the destination had the complete stream
+	iteration   int
+	pausedByPol bool
+}
+
+// NewRelay prepares a relay from src (the source QEMU's migration connection) to dst. ctl
+// steers the source: the relay holds QEMU's switchover until the policy allows it; with a nil
+// ctl the relay replays a saved stream (restore) and only watches for stalls. Closing
+// src and dst is the caller's job, except that an aborted relay closes both to unblock itself.
+func NewRelay(src io.ReadCloser, dst io.WriteCloser, ctl Control, opt Options) *Relay {
+	opt.Policy = opt.Policy.withDefaults()
+	if opt.PollInterval <= 0 {
+		opt.PollInterval = 100 * time.Millisecond
+	}
+	r := &Relay{src: src, dst: dst, ctl: ctl, opt: opt, emit: opt.Events}
+	if r.emit == nil {
+		r.emit = func(Event) {}
+	}
+	r.phase.Store(PhaseSetup)
+	r.sum.Sections = map[string]int64{}
+	return r
+}
+
+// Hold sets the source's parameters before `migrate` so that QEMU cannot switch over before the
+// policy allows it: a 1 ms downtime limit lets QEMU complete only when almost nothing is left.
+func Hold(ctx context.Context, ctl Control, p Policy) error {
+	bw := p.Bandwidth
+	if bw == 0 {
+		bw = 1 << 40
+	}
+	return ctl.SetParameters(ctx, map[string]any{"max-bandwidth": bw, "downtime-limit": 1})
+}
+
+// Phase returns the relay's current phase.
+func (r *Relay) Phase() Phase { return r.phase.Load().(Phase) }
+
+func (r *Relay) setPhase(p Phase) {
+	if r.Phase() == p {
+		return
+	}
+	r.phase.Store(p)
+	r.emit(Event{Type: "phase", Time: time.Now(), Phase: p, Transferred: r.bytesOut.Load()})
+}
+
+// Run relays until the destination has the complete stream (nil), or fails. Its error says which
+// phase failed and why; *stream.Error for a bad source stream, *PolicyError for the policy.
+func (r *Relay) Run(ctx context.Context) (Summary, error) {
+	start := time.Now()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	r.emit(Event{Type: "phase", Time: start, Phase: PhaseSetup})
+
+	pumpErr := make(chan error, 1)
+	go func() { pumpErr <- r.pump() }()
+
+	var err error
+	policyErr := make(chan error, 1)
+	go func() { policyErr <- r.policyLoop(ctx, start) }()
+	select {
+	case err = <-pumpErr:
+		cancel()
+		<-policyErr
+	case err = <-policyErr:
+		// The policy gave up: unblock the pump by closing both ends, then wait for it (bounded).
+		r.src.Close()
+		if a, ok := r.dst.(interface{ Abort() }); ok {
+			a.Abort()
+		} else {
+			r.dst.Close()
+		}
+		select {
+		case <-pumpErr:
+		case <-time.After(5 * time.Second):
+		}
+	case <-ctx.Done():
+		r.src.Close()
+		r.dst.Close()
+		<-pumpErr
+		err = ctx.Err()
+	}
+	r.mu.Lock()
+	sum := r.sum
+	sum.Sections = make(map[string]int64, len(r.sum.Sections))
+	for k, v := range r.sum.Sections {
+		sum.Sections[k] = v
+	}
+	sum.Iterations = r.iteration
+	sum.PausedByPolicy = r.pausedByPol
+	stoppedAt := r.stoppedAt
+	r.mu.Unlock()
+	sum.BytesIn, sum.BytesOut = r.bytesIn.Load(), r.bytesOut.Load()
+	sum.TotalTimeMs = time.Since(start).Milliseconds()
+	if err != nil {
+		return sum, fmt.Errorf("%s phase: %w", r.Phase(), err)
+	}
+	if !stoppedAt.IsZero() && !r.deliveredAt.IsZero() {
+		sum.DowntimeMs = r.deliveredAt.Sub(stoppedAt).Milliseconds()
+	}
+	r.setPhase(PhaseDone)
+	r.emit(Event{Type: "summary", Time: time.Now(), Phase: PhaseDone, Transferred: sum.BytesOut, Summary: &sum})
+	return sum, nil
+}
+
+// policyLoop watches the source every PollInterval, reports progress, and steers QEMU's
+// switchover by its downtime-limit: held at 1 ms until the policy decides (expected downtime
+// within Downtime, iteration limit, timeout with pause), then raised to QEMU's maximum so that
+// QEMU switches over at once, whatever its own bandwidth estimate says.
+func (r *Relay) policyLoop(ctx context.Context, start time.Time) error {
+	p := r.opt.Policy
+	t := time.NewTicker(r.opt.PollInterval)
+	defer t.Stop()
+	var (
+		lastIn       = int64(-1)
+		lastProgress = time.Now()
+		lastOut      int64
+		lastTick     = time.Now()
+		rate         float64
+	)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		now := time.Now()
+		in, out := r.bytesIn.Load(), r.bytesOut.Load()
+		if in != lastIn {
+			lastIn, lastProgress = in, now
+		}
+		if dt := now.Sub(lastTick).Seconds(); dt > 0 {
+			cur := float64(out-lastOut) / dt
+			if rate == 0 {
+				rate = cur
+			} else {
+				rate = 0.5*rate + 0.5*cur
+			}
+		}
+		lastOut, lastTick = out, now
+		if r.ctl == nil { // a replay (restore): no source to steer, only stalls to catch
+			if since := now.Sub(lastProgress); since >= p.StallTimeout {
+				return &PolicyError{Reason: fmt.Sprintf("stalled: no data moved for %v (--stall-timeout)", since.Round(time.Millisecond))}
+			}
+			r.emit(Event{Type: "progress", Time: now, Phase: r.Phase(), Transferred: out, Rate: rate})
+			continue
+		}
+		if r.Phase() != PhaseSetup && r.Phase() != PhaseIterate {
+			continue // the source is switching over: nothing left to decide
+		}
+		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		info, err := r.ctl.QueryMigrate(qctx)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("source QMP: %w", err)
+		}
+		if info.Status == "failed" || info.Status == "cancelled" {
+			return fmt.Errorf("source QEMU reports migration %s: %s", info.Status, info.ErrorDesc)
+		}
+		if info.Status != "active" || info.RAM == nil || info.RAM.Total == 0 {
+			continue // still setting up: QEMU's counters are not meaningful yet
+		}
+		o := observation{elapsed: now.Sub(start), sinceProgress: now.Sub(lastProgress), rate: rate}
+		ev := Event{Type: "progress", Time: now, Phase: r.Phase(), Transferred: out, Rate: rate}
+		if info.RAM != nil {
+			o.remaining = info.RAM.Remaining
+			o.iteration = int(info.RAM.DirtySyncCount)
+			ev.Remaining, ev.Total = info.RAM.Remaining, info.RAM.Total
+			ev.DirtyRate = float64(info.RAM.DirtyPagesRate) * 4096
+		}
+		if rate > 0 {
+			o.expected = time.Duration(float64(o.remaining) / rate * float64(time.Second))
+		}
+		ev.ExpectedDowntimeMs = o.expected.Milliseconds()
+		ev.Iteration = o.iteration
+		r.mu.Lock()
+		newIter := o.iteration > r.iteration
+		if newIter {
+			r.iteration = o.iteration
+		}
+		r.mu.Unlock()
+		o.fresh = newIter
+		if newIter {
+			it := ev
+			it.Type = "iteration"
+			r.emit(it)
+		}
+		r.emit(ev)
+		d, why := p.decide(o)
+		switch d {
+		case abortNow:
+			return &PolicyError{Reason: why}
+		case release, force, pauseVM:
+			r.emit(Event{Type: "policy", Time: now, Phase: r.Phase(), Message: why})
+			if d == pauseVM {
+				qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				err := r.ctl.Stop(qctx)
+				cancel()
+				if err != nil {
+					return fmt.Errorf("pausing the source: %w", err)
+				}
+				r.mu.Lock()
+				r.pausedByPol = true
+				r.mu.Unlock()
+			}
+			// The decision is the sidecar's: QEMU's largest downtime-limit makes it switch over
+			// at its next check, whatever its own bandwidth estimate says.
+			if err := r.setDowntime(ctx, 2000*time.Second); err != nil {
+				return err
+			}
+			// Stop deciding: the switchover is under way.
+			for r.Phase() == PhaseSetup || r.Phase() == PhaseIterate {
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-t.C:
+				}
+			}
+		}
+	}
+}
+
+func (r *Relay) setDowntime(ctx context.Context, d time.Duration) error {
+	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := r.ctl.SetParameters(qctx, map[string]any{"downtime-limit": d.Milliseconds()}); err != nil {
+		return fmt.Errorf("releasing the source's switchover: %w", err)
+	}
+	return nil
+}
+
+// pump reads every record of the source stream, passes it through the handler of its section
+// and writes it to the destination; it ends when the destination has the complete stream.
+func (r *Relay) pump() error {
+	counter := &countingReader{r: r.src, n: &r.bytesIn}
+	opts := []stream.Option{
+		stream.WithWarnings(func(off int64, msg string) { r.warn(fmt.Sprintf("source stream at offset %d: %s", off, msg)) }),
+		stream.WithDeviceSizer(stream.VMDescSizer()),
+	}
+	if r.opt.Limits != nil {
+		opts = append(opts, stream.WithLimits(*r.opt.Limits))
+	}
+	rd := stream.NewReader(counter, opts...)
+	cw := &countingWriter{w: r.dst, n: &r.bytesOut}
+	w := stream.NewWriter(cw)
+	h := newHandlers(r, w)
+	var tailStart time.Time
+	var tailFrom int64
+	for {
+		rec, err := rd.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("source stream: %w", err)
+		}
+		switch rec.Kind {
+		case stream.KindSectionPart:
+			r.setPhase(PhaseIterate)
+		case stream.KindSectionEnd:
+			r.markStopped()
+			r.setPhase(PhaseComplete)
+		case stream.KindCommand:
+			if rec.Cmd == stream.CmdSwitchoverStart {
+				r.markStopped()
+				r.setPhase(PhaseComplete)
+			}
+		case stream.KindSectionFull:
+			if rec.Depth == 0 && tailStart.IsZero() {
+				tailStart, tailFrom = time.Now(), w.Offset()
+				r.setPhase(PhaseDevices)
+			}
+		}
+		if err := h.handle(rec); err != nil {
+			return err
+		}
+	}
+	if err := w.Flush(); err != nil {
+		return fmt.Errorf("destination: %w", err)
+	}
+	if err := r.dst.Close(); err != nil {
+		return fmt.Errorf("destination: finishing the stream: %w", err)
+	}
+	r.mu.Lock()
+	r.deliveredAt = time.Now()
+	if !tailStart.IsZero() {
+		r.sum.TailMs = time.Since(tailStart).Milliseconds()
+		r.sum.TailBytes = w.Offset() - tailFrom
+	}
+	r.mu.Unlock()
+	return nil
+}
+
+func (r *Relay) markStopped() {
+	r.mu.Lock()
+	if r.stoppedAt.IsZero() {
+		r.stoppedAt = time.Now()
+	}
+	r.mu.Unlock()
+}
+
+func (r *Relay) warn(msg string) {
+	if r.opt.Warn != nil {
+		r.opt.Warn(msg)
+	}
+	r.emit(Event{Type: "warning", Time: time.Now(), Phase: r.Phase(), Message: msg})
+}
+
+type countingReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+type countingWriter struct {
+	w io.Writer
+	n *atomic.Int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+var errSectionZero = errors.New("a section that receives PART/END must not have id 0 (stream-format.md §2)")

@@ -1,0 +1,106 @@
+package savevm
+
+import (
+	"fmt"
+	"time"
+)
+
+// Policy is the sidecar's own convergence and switchover policy (design.md "Control").
+type Policy struct {
+	// Downtime is the longest stop of the guest the switchover may cause (default 300 ms).
+	Downtime time.Duration
+	// Bandwidth caps the source's sending rate in bytes/s; 0 = unlimited (QEMU's own default
+	// would be 128 MiB/s).
+	Bandwidth int64
+	// MaxIterations switches over after this many passes over RAM even if the expected downtime
+	// is above Downtime; 0 = no limit.
+	MaxIterations int
+	// Timeout bounds the live phase; 0 = none. TimeoutAction says what happens then.
+	Timeout       time.Duration
+	TimeoutAction TimeoutAction
+	// StallTimeout aborts when no byte has moved from the source for this long (default 30 s).
+	StallTimeout time.Duration
+}
+
+// TimeoutAction is what the engine does when Policy.Timeout expires.
+type TimeoutAction string
+
+const (
+	// TimeoutAbort cancels the migration; the source VM keeps running.
+	TimeoutAbort TimeoutAction = "abort"
+	// TimeoutPause pauses the source VM so that the migration completes (the guest is resumed on
+	// the destination when the destination's QMP is known), like libvirt's --timeout-suspend.
+	TimeoutPause TimeoutAction = "pause"
+)
+
+// withDefaults fills the zero values.
+func (p Policy) withDefaults() Policy {
+	if p.Downtime <= 0 {
+		p.Downtime = 300 * time.Millisecond
+	}
+	if p.TimeoutAction == "" {
+		p.TimeoutAction = TimeoutAbort
+	}
+	if p.StallTimeout <= 0 {
+		p.StallTimeout = 30 * time.Second
+	}
+	return p
+}
+
+// Validate reports a policy that cannot work.
+func (p Policy) Validate() error {
+	switch p.TimeoutAction {
+	case "", TimeoutAbort, TimeoutPause:
+	default:
+		return fmt.Errorf("timeout action %q: want abort or pause", p.TimeoutAction)
+	}
+	if p.Bandwidth < 0 || p.MaxIterations < 0 || p.Timeout < 0 {
+		return fmt.Errorf("bandwidth, iterations and timeout must not be negative")
+	}
+	if p.Downtime > 2000*time.Second {
+		return fmt.Errorf("downtime %v exceeds QEMU's limit of 2000 s", p.Downtime)
+	}
+	return nil
+}
+
+// decision is what the policy says at one check.
+type decision int
+
+const (
+	hold     decision = iota // keep iterating
+	release                  // the expected downtime fits: let QEMU switch over within Downtime
+	force                    // iteration limit: switch over whatever the downtime
+	pauseVM                  // timeout with action pause: stop the guest, then force
+	abortNow                 // timeout with action abort, or a stall
+)
+
+// decide applies the policy to one observation.
+func (p Policy) decide(o observation) (decision, string) {
+	switch {
+	case o.sinceProgress >= p.StallTimeout:
+		return abortNow, fmt.Sprintf("stalled: no data from the source for %v (--stall-timeout)", o.sinceProgress.Round(time.Millisecond))
+	case p.Timeout > 0 && o.elapsed >= p.Timeout && p.TimeoutAction == TimeoutAbort:
+		return abortNow, fmt.Sprintf("not converged within --timeout %v (expected downtime %v > %v)", p.Timeout, o.expected.Round(time.Millisecond), p.Downtime)
+	case p.Timeout > 0 && o.elapsed >= p.Timeout:
+		return pauseVM, fmt.Sprintf("--timeout %v reached: pausing the guest to complete", p.Timeout)
+	case p.MaxIterations > 0 && o.iteration > p.MaxIterations:
+		return force, fmt.Sprintf("--max-iterations %d reached: switching over (expected downtime %v)", p.MaxIterations, o.expected.Round(time.Millisecond))
+	case o.fresh && o.rate > 0 && o.expected <= p.Downtime:
+		return release, fmt.Sprintf("expected downtime %v ≤ %v: switching over", o.expected.Round(time.Millisecond), p.Downtime)
+	}
+	return hold, ""
+}
+
+// observation is what the policy loop sees at one check.
+type observation struct {
+	elapsed       time.Duration // since the migration started
+	sinceProgress time.Duration // since the last byte from the source
+	iteration     int           // passes over RAM started (QEMU's dirty-sync-count)
+	// fresh: QEMU synced its dirty bitmap since the last check, so remaining is the whole dirty
+	// set a switchover would have to send (later in a pass it only counts what is still unsent
+	// of that pass, and would underestimate the downtime).
+	fresh bool
+	remaining     int64         // bytes of RAM still dirty
+	rate          float64       // bytes/s the sidecar is forwarding
+	expected      time.Duration // remaining / rate
+}
