@@ -1,0 +1,68 @@
+package compat
+
+import (
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestBenchBaseline prints the reference table of QEMU migrating by itself: min and median of
+// five runs for 1 GiB `dirty` and `fill` guests, each version pair, each accelerator. It runs
+// only with QMG_BENCH=1 (make bench): it takes minutes and measures, it does not test.
+func TestBenchBaseline(t *testing.T) {
+	if os.Getenv("QMG_BENCH") == "" {
+		t.Skip("set QMG_BENCH=1 (make bench) to run the baseline benchmark")
+	}
+	const runs = 5
+	var rows []string
+	for _, accel := range accels() {
+		for _, p := range pairs {
+			for _, g := range guestCases(1024, 1024) {
+				if accel == "kvm" && g.name == "fill" {
+					continue // see TestDirectMigration
+				}
+				srcQ, dstQ := requireQEMU(t, p[0]), requireQEMU(t, p[1])
+				var rs []Result
+				for i := 0; i < runs; i++ {
+					t.Run(fmt.Sprintf("%s/%s-%s/%s/%d", accel, p[0], p[1], g.name, i), func(t *testing.T) {
+						rs = append(rs, migrateAndVerify(t, srcQ, dstQ, accel, g))
+					})
+				}
+				if len(rs) == runs {
+					rows = append(rows, benchRow(fmt.Sprintf("%s %s→%s %s 1GiB", accel, p[0], p[1], g.name), rs))
+				}
+			}
+		}
+	}
+	t.Logf("\n%-26s %19s %19s %19s %13s %10s %19s\n%s", "scenario (min / median)", "total", "downtime", "setup",
+		"MB sent", "syncs", "wall", strings.Join(rows, "\n"))
+}
+
+func benchRow(name string, rs []Result) string {
+	pick := func(f func(Result) time.Duration) string {
+		v := make([]time.Duration, len(rs))
+		for i, r := range rs {
+			v[i] = f(r)
+		}
+		sort.Slice(v, func(i, j int) bool { return v[i] < v[j] })
+		return fmt.Sprintf("%8v / %8v", v[0].Round(time.Millisecond), v[len(v)/2].Round(time.Millisecond))
+	}
+	med := func(f func(Result) int64) int64 {
+		v := make([]int64, len(rs))
+		for i, r := range rs {
+			v[i] = f(r)
+		}
+		sort.Slice(v, func(i, j int) bool { return v[i] < v[j] })
+		return v[len(v)/2]
+	}
+	return fmt.Sprintf("%-26s %19s %19s %19s %13d %10d %19s", name,
+		pick(func(r Result) time.Duration { return r.TotalTime }),
+		pick(func(r Result) time.Duration { return r.Downtime }),
+		pick(func(r Result) time.Duration { return r.SetupTime }),
+		med(func(r Result) int64 { return r.Transferred })/1e6,
+		med(func(r Result) int64 { return r.DirtySync }),
+		pick(func(r Result) time.Duration { return r.Wall }))
+}
