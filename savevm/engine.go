@@ -169,8 +169,8 @@ func (r *Relay) setPhase(p Phase) {
 	r.emit(Event{Type: "phase", Time: time.Now(), Phase: p, Transferred: r.bytesOut.Load()})
 }
 
-// Run relays until the destination has the complete stream (nil), or fails. Its error says which
-// phase failed and why; *stream.Error for a bad source stream, *PolicyError for the policy.
+// Run relays until the destination has the complete stream (nil), or fails: a *stream.Error for
+// a bad source stream, a *PolicyError when the policy gave up; Phase says where.
 func (r *Relay) Run(ctx context.Context) (Summary, error) {
 	start := time.Now()
 	ctx, cancel := context.WithCancel(ctx)
@@ -218,7 +218,7 @@ func (r *Relay) Run(ctx context.Context) (Summary, error) {
 	sum.BytesIn, sum.BytesOut = r.bytesIn.Load(), r.bytesOut.Load()
 	sum.TotalTimeMs = time.Since(start).Milliseconds()
 	if err != nil {
-		return sum, fmt.Errorf("%s phase: %w", r.Phase(), err)
+		return sum, err // the caller reports the phase (Relay.Phase)
 	}
 	if !stoppedAt.IsZero() && !r.deliveredAt.IsZero() {
 		sum.DowntimeMs = r.deliveredAt.Sub(stoppedAt).Milliseconds()

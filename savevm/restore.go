@@ -33,10 +33,11 @@ func Restore(ctx context.Context, o RestoreOptions) (Summary, error) {
 	if err != nil {
 		return Summary{}, &MigrateError{Class: ErrDestination, Err: err}
 	}
-	sum, err := NewRelay(in, dconn, nil, o.Options).Run(ctx)
+	relay := NewRelay(in, dconn, nil, o.Options)
+	sum, err := relay.Run(ctx)
 	if err != nil {
 		dconn.Abort()
-		return sum, &MigrateError{Class: classify(err, ctx), Err: fmt.Errorf("restore from %s: %w", o.From, err)}
+		return sum, &MigrateError{Class: classify(err, ctx), Phase: relay.Phase(), Err: fmt.Errorf("restore from %s: %w", o.From, err)}
 	}
 	return sum, nil
 }

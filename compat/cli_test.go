@@ -1,0 +1,226 @@
+package compat
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
+)
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// sidecarBinary builds the CLI once per test run.
+func sidecarBinary(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "qmg-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "qemu-migrate-go")
+		out, err := exec.Command("go", "build", "-o", binPath, filepath.Join(RepoRoot(), "cmd/qemu-migrate-go")).CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v: %s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+// runSidecar runs the CLI with a deadline and returns stdout, stderr, exit code and wall time.
+func runSidecar(t testing.TB, timeout time.Duration, args ...string) (string, string, int, time.Duration) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, sidecarBinary(t), args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	start := time.Now()
+	err := cmd.Run()
+	code := 0
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	if ctx.Err() != nil {
+		t.Fatalf("sidecar did not exit within %v; stderr: %s", timeout, stderr.String())
+	}
+	return stdout.String(), stderr.String(), code, time.Since(start)
+}
+
+// jsonEvents parses the --json lines and checks each is one savevm.Event.
+func jsonEvents(t *testing.T, out string) []savevm.Event {
+	t.Helper()
+	var evs []savevm.Event
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		dec := json.NewDecoder(strings.NewReader(sc.Text()))
+		dec.DisallowUnknownFields()
+		var e savevm.Event
+		if err := dec.Decode(&e); err != nil {
+			t.Fatalf("not a JSON event line: %q: %v", sc.Text(), err)
+		}
+		evs = append(evs, e)
+	}
+	return evs
+}
+
+// TestCLIMigrateJSON migrates with the binary as a hook script would (--json, not a TTY) and
+// checks the event stream, the exit code and the guest on the destination.
+func TestCLIMigrateJSON(t *testing.T) {
+	q := requireQEMU(t, "10.0")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	disk := GuestDirty()
+	port, _ := FreePort()
+	uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
+	src := StartVM(t, VMConfig{Name: "src", QEMU: q, MemMiB: 128, Disk: disk})
+	dst := StartVM(t, VMConfig{Name: "dst", QEMU: q, MemMiB: 128, Disk: disk, Incoming: uri})
+	if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
+		t.Fatal(err)
+	}
+	stdout, stderr, code, _ := runSidecar(t, time.Minute, "--qmp", src.SidecarQMP, "--to", uri, "--dst-qmp", dst.SidecarQMP, "--json")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	evs := jsonEvents(t, stdout)
+	phases := map[savevm.Phase]bool{}
+	var sum *savevm.Summary
+	for _, e := range evs {
+		if e.Type == "phase" {
+			phases[e.Phase] = true
+		}
+		if e.Type == "summary" {
+			sum = e.Summary
+		}
+	}
+	for _, p := range []savevm.Phase{savevm.PhaseSetup, savevm.PhaseIterate, savevm.PhaseComplete, savevm.PhaseDevices, savevm.PhaseDone} {
+		if !phases[p] {
+			t.Errorf("no phase event %q in %d events", p, len(evs))
+		}
+	}
+	if sum == nil || sum.NormalPages == 0 || sum.BytesOut == 0 || sum.Sections["ram"] == 0 || sum.TailBytes == 0 {
+		t.Fatalf("summary %+v", sum)
+	}
+	if _, err := src.WaitStatus(ctx, "postmigrate"); err != nil {
+		t.Fatal(err)
+	}
+	if err := dst.WaitMoreSerial(ctx, 'B', 3); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestFileAndRestore saves a running 7.2 VM with --to file: (7.2 has no file: of its own), then
+// replays the file with `restore` into a 7.2 and a 10.0 destination (pc-q35-7.2) and verifies
+// the destination's RAM against the source's.
+func TestFileAndRestore(t *testing.T) {
+	q72, q10 := requireQEMU(t, "7.2"), requireQEMU(t, "10.0")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	g := guestCases(128, 256)[0]
+	disk := g.disk(g.memMiB)
+	src := StartVM(t, VMConfig{Name: "src", QEMU: q72, Machine: "pc-q35-7.2", MemMiB: g.memMiB, Disk: disk})
+	if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(t.TempDir(), "vm.stream")
+	if _, stderr, code, _ := runSidecar(t, time.Minute, "--qmp", src.SidecarQMP, "--to", "file:"+file, "-q"); code != 0 {
+		t.Fatalf("save to file: exit %d: %s", code, stderr)
+	}
+	if _, err := src.WaitStatus(ctx, "postmigrate"); err != nil {
+		t.Fatal(err)
+	}
+	if _, stderr, code, _ := runSidecar(t, time.Minute, "inspect", "--verify", file); code != 0 {
+		t.Fatalf("inspect --verify of the saved file: exit %d: %s", code, stderr)
+	}
+	for _, dq := range []QEMU{q72, q10} {
+		t.Run(dq.Version, func(t *testing.T) {
+			port, _ := FreePort()
+			uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
+			dst := StartVM(t, VMConfig{Name: "dst", QEMU: dq, Machine: "pc-q35-7.2", MemMiB: g.memMiB, Disk: disk, Incoming: uri, Paused: true})
+			if _, stderr, code, _ := runSidecar(t, time.Minute, "restore", "--from", file, "--to", uri, "--dst-version", dq.Version); code != 0 {
+				t.Fatalf("restore: exit %d: %s", code, stderr)
+			}
+			if _, err := dst.WaitStatus(ctx, "paused"); err != nil {
+				t.Fatalf("%v; dst stderr: %s", err, lastLine(dst.Stderr()))
+			}
+			verifyAgainstSource(ctx, t, src, dst, g)
+			if err := dst.QMP.Cont(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if err := dst.WaitMoreSerial(ctx, 'B', 3); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// TestPolicyTimeout runs the dirty guest with a downtime budget it cannot meet (1 ms: after every
+// pass nearly all of its 127 MiB are dirty again). With --timeout-action abort the sidecar gives
+// up, exits with the policy code and the source keeps running; with pause it stops the guest,
+// completes, and (with --dst-qmp) resumes the guest on the destination.
+func TestPolicyTimeout(t *testing.T) {
+	q := requireQEMU(t, "7.2")
+	for _, action := range []string{"abort", "pause"} {
+		t.Run(action, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			disk := GuestDirty()
+			port, _ := FreePort()
+			uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
+			src := StartVM(t, VMConfig{Name: "src", QEMU: q, MemMiB: 128, Disk: disk})
+			dst := StartVM(t, VMConfig{Name: "dst", QEMU: q, MemMiB: 128, Disk: disk, Incoming: uri})
+			if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
+				t.Fatal(err)
+			}
+			_, stderr, code, wall := runSidecar(t, time.Minute, "--qmp", src.SidecarQMP, "--to", uri, "--dst-qmp", dst.SidecarQMP,
+				"--downtime", "1ms", "--timeout", "3s", "--timeout-action", action, "-q")
+			t.Logf("exit %d after %v: %s", code, wall.Round(time.Millisecond), strings.TrimSpace(stderr))
+			switch action {
+			case "abort":
+				if code != 5 || !strings.Contains(stderr, "--timeout") {
+					t.Fatalf("exit %d, want 5 (policy) naming --timeout", code)
+				}
+				if st, err := src.WaitStatus(ctx, "running"); err != nil {
+					t.Fatalf("source %q after abort: %v", st, err)
+				}
+				if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
+					t.Fatalf("source guest stopped after abort: %v", err)
+				}
+			case "pause":
+				if code != 0 {
+					t.Fatalf("exit %d", code)
+				}
+				if _, err := dst.WaitStatus(ctx, "running"); err != nil {
+					t.Fatal(err)
+				}
+				if err := dst.WaitMoreSerial(ctx, 'B', 3); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if wall > 20*time.Second {
+				t.Errorf("took %v with --timeout 3s", wall)
+			}
+		})
+	}
+}
