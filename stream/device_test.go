@@ -207,3 +207,33 @@ func TestTailWithoutClose(t *testing.T) {
 		}
 	}
 }
+
+// TestSizerAgreesWithFooterScan: on every capture, the vmdesc-driven sizer (VMDescSizer) and
+// footer scanning must find the same FULL section boundaries, and the sizer must never fail.
+func TestSizerAgreesWithFooterScan(t *testing.T) {
+	bodies := func(data []byte, opts ...Option) (lens []int, heur int) {
+		r := NewReader(bytes.NewReader(data), opts...)
+		for {
+			rec, err := r.Next()
+			if err == io.EOF {
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rec.Kind == KindSectionFull {
+				lens = append(lens, len(rec.Body))
+				if rec.Heuristic {
+					heur++
+				}
+			}
+		}
+	}
+	for _, rs := range realStreams(t) {
+		scan, _ := bodies(rs.data)
+		sized, heur := bodies(rs.data, WithDeviceSizer(VMDescSizer()))
+		if heur != 0 || fmt.Sprint(scan) != fmt.Sprint(sized) {
+			t.Errorf("%s: sizer (%d heuristic) %v\nfooter scan %v", rs.name, heur, sized, scan)
+		}
+	}
+}

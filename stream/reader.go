@@ -345,12 +345,17 @@ func (r *Reader) readConfig() (*Record, error) {
 	p += int(nl)
 	r.caps = r.caps[:0]
 	for nsub := 0; ; nsub++ {
-		if !in.ensure(p+2) || in.buf[in.r+p] != byte(SectionSubsection) {
+		if !in.ensure(p+1) || in.buf[in.r+p] != byte(SectionSubsection) {
 			break
+		}
+		// 0x05 cannot start a top-level record, so a truncated subsection header is a
+		// truncated configuration.
+		if !need(2) {
+			return nil, r.short(off+int64(p), what+" subsection header")
 		}
 		l := int(in.buf[in.r+p+1])
 		if !need(2 + l) {
-			break
+			return nil, r.short(off+int64(p), what+" subsection header")
 		}
 		name := in.buf[in.r+p+2 : in.r+p+2+l]
 		if !bytes.HasPrefix(name, []byte("configuration")) {
