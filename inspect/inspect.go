@@ -134,7 +134,9 @@ func Inspect(r io.Reader, opt Options) (*Report, error) {
 		return nil, err
 	}
 	opts := []stream.Option{
-		stream.WithWarnings(func(off int64, msg string) { rep.Warnings = append(rep.Warnings, fmt.Sprintf("offset %d: %s", off, msg)) }),
+		stream.WithWarnings(func(off int64, msg string) {
+			rep.Warnings = append(rep.Warnings, fmt.Sprintf("offset %d: %s", off, msg))
+		}),
 		stream.WithDeviceSizer(stream.VMDescSizer()),
 	}
 	if opt.Limits != nil {

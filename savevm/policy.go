@@ -99,8 +99,8 @@ type observation struct {
 	// fresh: QEMU synced its dirty bitmap since the last check, so remaining is the whole dirty
 	// set a switchover would have to send (later in a pass it only counts what is still unsent
 	// of that pass, and would underestimate the downtime).
-	fresh bool
-	remaining     int64         // bytes of RAM still dirty
-	rate          float64       // bytes/s the sidecar is forwarding
-	expected      time.Duration // remaining / rate
+	fresh     bool
+	remaining int64         // bytes of RAM still dirty
+	rate      float64       // bytes/s the sidecar is forwarding
+	expected  time.Duration // remaining / rate
 }
