@@ -482,6 +482,16 @@ const (
 	guestFillPhrase = "The quick brown fox jumps over. "
 )
 
+// guestFillTemplate is the phrase repeated over a page and one more phrase,
+// as the guest builds it: text pages are 4096-byte windows of it.
+var guestFillTemplate = func() []byte {
+	t := make([]byte, 0, GuestPageSize+len(guestFillPhrase))
+	for len(t) < cap(t) {
+		t = append(t, guestFillPhrase...)
+	}
+	return t
+}()
+
 // guestFillHash is the page-kind hash: h = (i ^ seed) * golden; h ^= h >> 16.
 func guestFillHash(i int, seed uint32) uint32 {
 	h := (uint32(i) ^ seed) * guestFillHashMul
@@ -512,9 +522,7 @@ func FillPage(i int, seed uint32, dst []byte) {
 		clear(dst)
 	case FillText:
 		rot := (i & 7) * 4
-		for j := range dst {
-			dst[j] = guestFillPhrase[(rot+j)%len(guestFillPhrase)]
-		}
+		copy(dst, guestFillTemplate[rot:])
 		binary.LittleEndian.PutUint32(dst[4:], uint32(i))
 	case FillRandom:
 		x := uint32(i) ^ seed
@@ -539,8 +547,9 @@ func FillPage(i int, seed uint32, dst []byte) {
 // and printing 'B' after each pass. Memory dumps of it are verified with
 // CheckFill.
 //
-// The guest uses memory below 1 MiB at GuestOrg+0x200 .. +0x1100 for its
-// text template.
+// Below 1 MiB the guest also writes its text template, the phrase
+// replicated over [GuestOrg+0x200, GuestOrg+0x1220). It needs no stack and
+// runs with interrupts off; with DirtyEvery 0 it ends in hlt.
 func GuestFill(opt FillOptions) ([]byte, error) {
 	end := opt.FillEnd()
 	if end < FillStart+GuestPageSize {
