@@ -183,27 +183,42 @@ func (r *Relay) Run(ctx context.Context) (Summary, error) {
 	var err error
 	policyErr := make(chan error, 1)
 	go func() { policyErr <- r.policyLoop(ctx, start) }()
-	select {
-	case err = <-pumpErr:
-		cancel()
-		<-policyErr
-	case err = <-policyErr:
-		// The policy gave up: unblock the pump by closing both ends, then wait for it (bounded).
+	// abort tears both ends down: the source's writes fail at once (a source QEMU blocked
+	// writing its completion would otherwise hold its monitor until the connection closes), and
+	// the destination sees a reset, never a clean end of stream.
+	abort := func() {
 		r.src.Close()
 		if a, ok := r.dst.(interface{ Abort() }); ok {
 			a.Abort()
 		} else {
 			r.dst.Close()
 		}
+	}
+	// stopPump unblocks the pump and waits for it (bounded). A pump that delivered the complete
+	// stream just before wins: the destination has it, so the migration must not be undone.
+	stopPump := func(cause error) error {
+		abort()
 		select {
-		case <-pumpErr:
+		case perr := <-pumpErr:
+			if perr == nil && r.delivered() {
+				return nil
+			}
 		case <-time.After(5 * time.Second):
 		}
+		return cause
+	}
+	select {
+	case err = <-pumpErr:
+		cancel()
+		<-policyErr
+		if err != nil {
+			abort()
+		}
+	case err = <-policyErr:
+		// The policy (or the source's QMP) gave up.
+		err = stopPump(err)
 	case <-ctx.Done():
-		r.src.Close()
-		r.dst.Close()
-		<-pumpErr
-		err = ctx.Err()
+		err = stopPump(ctx.Err())
 	}
 	r.mu.Lock()
 	sum := r.sum
@@ -369,8 +384,9 @@ func (r *Relay) pump() error {
 		opts = append(opts, stream.WithLimits(*r.opt.Limits))
 	}
 	rd := stream.NewReader(counter, opts...)
-	cw := &countingWriter{w: r.dst, n: &r.bytesOut}
-	w := stream.NewWriter(cw)
+	sink := newAsyncSink(&countingWriter{w: r.dst, n: &r.bytesOut})
+	defer sink.Close()
+	w := stream.NewWriter(sink)
 	h := newHandlers(r, w)
 	var tailStart time.Time
 	var tailFrom int64
@@ -404,10 +420,10 @@ func (r *Relay) pump() error {
 		}
 	}
 	if err := w.Flush(); err != nil {
-		return fmt.Errorf("destination: %w", err)
+		return err // a write error is already a *DestinationError
 	}
 	if err := r.dst.Close(); err != nil {
-		return fmt.Errorf("destination: finishing the stream: %w", err)
+		return &DestinationError{Err: fmt.Errorf("finishing the stream: %w", err)}
 	}
 	r.mu.Lock()
 	r.deliveredAt = time.Now()
@@ -417,6 +433,13 @@ func (r *Relay) pump() error {
 	}
 	r.mu.Unlock()
 	return nil
+}
+
+// delivered reports whether the destination has the complete stream.
+func (r *Relay) delivered() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return !r.deliveredAt.IsZero()
 }
 
 func (r *Relay) markStopped() {
@@ -453,7 +476,17 @@ type countingWriter struct {
 func (c *countingWriter) Write(p []byte) (int, error) {
 	n, err := c.w.Write(p)
 	c.n.Add(int64(n))
+	if err != nil {
+		err = &DestinationError{Err: fmt.Errorf("writing the stream: %w", err)}
+	}
 	return n, err
 }
+
+// DestinationError is a failure of the destination end of a relay: writing the stream (reset,
+// closed, full disk) or finishing it.
+type DestinationError struct{ Err error }
+
+func (e *DestinationError) Error() string { return e.Err.Error() }
+func (e *DestinationError) Unwrap() error { return e.Err }
 
 var errSectionZero = errors.New("a section that receives PART/END must not have id 0 (stream-format.md §2)")

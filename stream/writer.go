@@ -86,8 +86,30 @@ func (w *Writer) space(n int) *[]byte {
 	return &w.buf
 }
 
+// BatchSink is a destination that takes whole batches: WriteBatch takes ownership of b and
+// returns an empty buffer of at least the same capacity to fill next, so that a batch can be
+// written out while the next one is encoded, without copying it again. Sync waits until every
+// batch taken so far has been written and reports the first error. Writer uses these methods
+// when its io.Writer implements them; Write must itself keep the order (sync, then write).
+type BatchSink interface {
+	io.Writer
+	WriteBatch(b []byte) (next []byte, err error)
+	Sync() error
+}
+
 func (w *Writer) flushBuf() {
 	if w.err != nil || len(w.buf) == 0 {
+		return
+	}
+	if sink, ok := w.w.(BatchSink); ok {
+		n := len(w.buf)
+		next, err := sink.WriteBatch(w.buf)
+		if err != nil {
+			w.err = err
+			return
+		}
+		w.flushed += int64(n)
+		w.buf = next[:0]
 		return
 	}
 	n, err := w.w.Write(w.buf)
@@ -110,6 +132,9 @@ func (w *Writer) Flush() error {
 		return encErr("Flush with %d PACKAGED command(s) open", len(w.pkgs))
 	}
 	w.flushBuf()
+	if sink, ok := w.w.(BatchSink); ok && w.err == nil {
+		w.err = sink.Sync()
+	}
 	return w.err
 }
 

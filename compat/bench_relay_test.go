@@ -1,0 +1,157 @@
+package compat
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// benchRun is one measured migration of the relay benchmark.
+type benchRun struct {
+	total    time.Duration // from the start of the migration until the destination runs
+	downtime time.Duration // the source QEMU's downtime figure
+	cpu      time.Duration // sidecar user+system CPU (sidecar mode only)
+	rssKiB   int64         // sidecar peak RSS (sidecar mode only)
+}
+
+// benchMigrate migrates guest g once in one of three ways: "direct" (QEMU to QEMU over TCP),
+// "proxy" (source → unix socket → io.Copy → TCP, the KubeVirt-proxy pattern) or "sidecar" (the
+// binary). The destination runs when it returns.
+func benchMigrate(t *testing.T, mode string, q QEMU, g guestCase) benchRun {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	disk := g.disk(g.memMiB)
+	port, _ := FreePort()
+	uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
+	src := StartVM(t, VMConfig{Name: "src", QEMU: q, MemMiB: g.memMiB, Disk: disk})
+	dst := StartVM(t, VMConfig{Name: "dst", QEMU: q, MemMiB: g.memMiB, Disk: disk, Incoming: uri})
+	if g.name == "fill" {
+		if err := src.WaitSerial(ctx, "F", func(s string) bool { return strings.Contains(s, "F") }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := src.WaitMoreSerial(ctx, g.progress, 3); err != nil {
+		t.Fatal(err)
+	}
+	var run benchRun
+	start := time.Now()
+	switch mode {
+	case "direct", "proxy":
+		if err := (Tuning{}).Apply(ctx, src, true); err != nil {
+			t.Fatal(err)
+		}
+		target := uri
+		if mode == "proxy" {
+			sock := filepath.Join(t.TempDir(), "proxy.sock")
+			l, err := net.Listen("unix", sock)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			go func() {
+				in, err := l.Accept()
+				if err != nil {
+					return
+				}
+				defer in.Close()
+				out, err := net.Dial("tcp", uri[len("tcp:"):])
+				if err != nil {
+					return
+				}
+				io.Copy(out, in)
+				out.Close()
+			}()
+			target = "unix:" + sock
+		}
+		start = time.Now()
+		if err := src.QMP.Migrate(ctx, target); err != nil {
+			t.Fatal(err)
+		}
+	case "sidecar":
+		cmd := exec.CommandContext(ctx, sidecarBinary(t), "--qmp", src.SidecarQMP, "--to", uri, "-q")
+		cmd.Stderr = os.Stderr
+		start = time.Now()
+		if err := cmd.Run(); err != nil {
+			t.Fatal(err)
+		}
+		ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
+		run.cpu = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+		run.rssKiB = ru.Maxrss
+	}
+	if _, err := dst.WaitStatus(ctx, "running"); err != nil {
+		t.Fatal(err)
+	}
+	run.total = time.Since(start)
+	m, err := src.QMP.WaitMigration(ctx, 10*time.Millisecond)
+	if err != nil || m.Status != "completed" {
+		t.Fatalf("source: %+v %v", m, err)
+	}
+	run.downtime = time.Duration(m.Downtime) * time.Millisecond
+	return run
+}
+
+// TestBenchRelay prints the relay benchmark table: direct QEMU→QEMU, a plain byte proxy and the
+// sidecar, 5 runs each, medians, for 1 GiB fill and dirty guests (QMG_BENCH=1, make bench).
+func TestBenchRelay(t *testing.T) {
+	if os.Getenv("QMG_BENCH") == "" {
+		t.Skip("set QMG_BENCH=1 (make bench) to run the relay benchmark")
+	}
+	runs := 5
+	mem := 1024
+	if os.Getenv("QMG_BENCH_MEM") != "" {
+		fmt.Sscan(os.Getenv("QMG_BENCH_MEM"), &mem)
+	}
+	if os.Getenv("QMG_BENCH_RUNS") != "" {
+		fmt.Sscan(os.Getenv("QMG_BENCH_RUNS"), &runs)
+	}
+	var rows []string
+	for _, series := range Versions {
+		q := requireQEMU(t, series)
+		for _, g := range guestCases(mem, mem) {
+			res := map[string][]benchRun{}
+			for i := 0; i < runs; i++ {
+				for _, mode := range []string{"direct", "proxy", "sidecar"} { // interleaved: same conditions
+					t.Run(fmt.Sprintf("%s/%s/%s/%d", series, g.name, mode, i), func(t *testing.T) {
+						res[mode] = append(res[mode], benchMigrate(t, mode, q, g))
+					})
+				}
+			}
+			d, p, s := median(res["direct"]), median(res["proxy"]), median(res["sidecar"])
+			rows = append(rows, fmt.Sprintf("%-5s %-5s %4dMiB | %8v %6v | %8v %6v | %8v %6v %7v %6dMiB | %5.2f× %5.2f×  %+v",
+				series, g.name, mem, d.total, d.downtime, p.total, p.downtime, s.total, s.downtime, s.cpu, s.rssKiB>>10,
+				s.total.Seconds()/d.total.Seconds(), s.total.Seconds()/p.total.Seconds(), s.downtime-d.downtime))
+		}
+	}
+	t.Logf("\nmedians of %d runs (total = migrate start → destination running; downtime = source QEMU's)\n"+
+		"qemu  guest  size   | direct total/down | proxy total/down  | sidecar total/down/cpu/rss      | vs direct, vs proxy, downtime Δ\n%s",
+		runs, strings.Join(rows, "\n"))
+}
+
+func median(rs []benchRun) benchRun {
+	if len(rs) == 0 {
+		return benchRun{}
+	}
+	pick := func(f func(benchRun) int64) int64 {
+		v := make([]int64, len(rs))
+		for i, r := range rs {
+			v[i] = f(r)
+		}
+		sort.Slice(v, func(i, j int) bool { return v[i] < v[j] })
+		return v[len(v)/2]
+	}
+	return benchRun{
+		total:    time.Duration(pick(func(r benchRun) int64 { return int64(r.total) })).Round(time.Millisecond),
+		downtime: time.Duration(pick(func(r benchRun) int64 { return int64(r.downtime) })).Round(time.Millisecond),
+		cpu:      time.Duration(pick(func(r benchRun) int64 { return int64(r.cpu) })).Round(time.Millisecond),
+		rssKiB:   pick(func(r benchRun) int64 { return r.rssKiB }),
+	}
+}
