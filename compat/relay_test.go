@@ -4,49 +4,24 @@ import (
 	"context"
 	"fmt"
 	"testing"
-	"time"
 
 	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
 	"github.com/qemu-migrate-go/qemu-migrate-go/transport"
 )
 
 // relayAndVerify migrates guest g from src to dst through the sidecar's engine (in process, on
-// the VMs' second QMP sockets) and checks what migrateAndVerify checks for QEMU by itself.
+// the VMs' second QMP sockets) and checks it like QEMU's own migration (checkMigrated).
 func relayAndVerify(t testing.TB, srcQ, dstQ QEMU, accel string, g guestCase, opt savevm.Options) savevm.Summary {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	machine := MachineFor(srcQ, dstQ)
-	disk := g.disk(g.memMiB)
-	port, err := FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
-	src := StartVM(t, VMConfig{Name: "src", QEMU: srcQ, Machine: machine, Accel: accel, MemMiB: g.memMiB, Disk: disk})
-	dst := StartVM(t, VMConfig{Name: "dst", QEMU: dstQ, Machine: machine, Accel: accel, MemMiB: g.memMiB, Disk: disk,
-		Incoming: uri, Paused: true})
-	if err := src.WaitMoreSerial(ctx, g.progress, 3); err != nil {
-		t.Fatal(err)
-	}
-	to, _ := transport.Parse(uri)
-	sum, err := savevm.Migrate(ctx, savevm.MigrateOptions{SourceQMP: src.SidecarQMP, To: to, DstQMP: dst.SidecarQMP, Options: opt})
-	if err != nil {
-		t.Fatalf("relay: %v; dst stderr: %s", err, lastLine(dst.Stderr()))
-	}
-	if st, err := src.WaitStatus(ctx, "postmigrate"); err != nil {
-		t.Fatalf("source status %q: %v", st, err)
-	}
-	if _, err := dst.WaitStatus(ctx, "paused"); err != nil {
-		t.Fatal(err)
-	}
-	verifyAgainstSource(ctx, t, src, dst, g)
-	if err := dst.QMP.Cont(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if err := dst.WaitMoreSerial(ctx, g.progress, 3); err != nil {
-		t.Fatalf("guest does not run on the destination: %v", err)
-	}
+	var sum savevm.Summary
+	checkMigrated(t, srcQ, dstQ, accel, g, func(ctx context.Context, src, dst *VM, uri string) error {
+		to, err := transport.Parse(uri)
+		if err != nil {
+			return err
+		}
+		sum, err = savevm.Migrate(ctx, savevm.MigrateOptions{SourceQMP: src.SidecarQMP, To: to, DstQMP: dst.SidecarQMP, Options: opt})
+		return err
+	})
 	return sum
 }
 

@@ -70,10 +70,24 @@ func guestCases(memDirty, memFill int) []guestCase {
 	}
 }
 
-// migrateAndVerify runs one direct migration src→dst of guest g and checks: the migration
-// completes, the source ends in postmigrate, the destination's RAM equals the paused source's
-// page for page and passes the guest's own check, and after `cont` the guest keeps printing.
+// migrateAndVerify runs one direct migration src→dst of guest g (QEMU by itself) and checks it
+// with checkMigrated.
 func migrateAndVerify(t testing.TB, srcQ, dstQ QEMU, accel string, g guestCase) Result {
+	t.Helper()
+	var res Result
+	checkMigrated(t, srcQ, dstQ, accel, g, func(ctx context.Context, src, dst *VM, uri string) error {
+		var err error
+		res, err = MigrateDirect(ctx, src, dst, uri, Tuning{})
+		return err
+	})
+	return res
+}
+
+// checkMigrated starts a source running guest g and a paused destination (-S, so that its
+// memory can be compared with the source's, frozen in postmigrate), lets migrate move the guest
+// to uri, and checks: the source ends in postmigrate, the destination's RAM equals the source's
+// page for page and passes the guest's own check, and after `cont` the guest keeps printing.
+func checkMigrated(t testing.TB, srcQ, dstQ QEMU, accel string, g guestCase, migrate func(ctx context.Context, src, dst *VM, uri string) error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -85,19 +99,19 @@ func migrateAndVerify(t testing.TB, srcQ, dstQ QEMU, accel string, g guestCase) 
 	}
 	uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
 	src := StartVM(t, VMConfig{Name: "src", QEMU: srcQ, Machine: machine, Accel: accel, MemMiB: g.memMiB, Disk: disk})
-	// The destination stays paused after loading (-S) so that its memory can be compared with the
-	// source's, frozen in postmigrate.
 	dst := StartVM(t, VMConfig{Name: "dst", QEMU: dstQ, Machine: machine, Accel: accel, MemMiB: g.memMiB, Disk: disk,
 		Incoming: uri, Paused: true})
 	if err := src.WaitMoreSerial(ctx, g.progress, 3); err != nil {
 		t.Fatal(err)
 	}
-	res, err := MigrateDirect(ctx, src, dst, uri, Tuning{})
-	if err != nil {
+	if err := migrate(ctx, src, dst, uri); err != nil {
 		t.Fatalf("%v; dst stderr: %s", err, lastLine(dst.Stderr()))
 	}
 	if st, err := src.WaitStatus(ctx, "postmigrate"); err != nil {
 		t.Fatalf("source status %q: %v", st, err)
+	}
+	if _, err := dst.WaitStatus(ctx, "paused"); err != nil {
+		t.Fatal(err)
 	}
 	verifyAgainstSource(ctx, t, src, dst, g)
 	if err := dst.QMP.Cont(ctx); err != nil {
@@ -106,7 +120,6 @@ func migrateAndVerify(t testing.TB, srcQ, dstQ QEMU, accel string, g guestCase) 
 	if err := dst.WaitMoreSerial(ctx, g.progress, 3); err != nil {
 		t.Fatalf("guest does not run on the destination: %v", err)
 	}
-	return res
 }
 
 // verifyAgainstSource dumps both RAMs and compares them, then runs the guest's own check.
