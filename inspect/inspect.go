@@ -155,6 +155,7 @@ func Inspect(r io.Reader, opt Options) (*Report, error) {
 		devIndex = -1
 		fulls    int
 		vmdesc   []byte
+		sawEOF   bool
 	)
 	decodeErr := func() error {
 		for {
@@ -162,9 +163,15 @@ func Inspect(r io.Reader, opt Options) (*Report, error) {
 			if err == io.EOF {
 				return nil
 			}
+			if err != nil && sawEOF {
+				// Only the vmdesc follows EOF; the destination ignores it (stream-format.md §5.1).
+				rep.Warnings = append(rep.Warnings, fmt.Sprintf("after EOF: %v (a destination ignores this)", err))
+				return nil
+			}
 			if err != nil {
 				return err
 			}
+			sawEOF = sawEOF || rec.Kind == stream.KindEOF && rec.Depth == 0
 			switch rec.Kind {
 			case stream.KindHeader:
 				rep.Version = rec.Version

@@ -231,3 +231,28 @@ func TestDevice(t *testing.T) {
 		t.Errorf("globalstate output:\n%s", out.String())
 	}
 }
+
+// TestDamagedVMDesc: what follows EOF is ignored by a destination (stream-format.md §5.1), so a
+// stream whose vmdesc is cut short or whose type byte is wrong is valid, with a warning.
+func TestDamagedVMDesc(t *testing.T) {
+	b := load(t, "../testdata/streams/idle-7.2.bin.gz")
+	i := bytes.LastIndex(b, []byte{0x00, 0x06})
+	if i < 0 {
+		t.Fatal("no EOF+vmdesc in idle-7.2")
+	}
+	cut := b[:i+100]
+	wrongType := append(append([]byte(nil), b[:i+1]...), 0x07)
+	for name, in := range map[string][]byte{"truncated": cut, "type 0x07": wrongType, "absent": b[:i+1]} {
+		rep, err := Inspect(bytes.NewReader(in), Options{})
+		if err != nil {
+			t.Errorf("%s vmdesc: %v", name, err)
+			continue
+		}
+		if name != "absent" && len(rep.Warnings) == 0 {
+			t.Errorf("%s vmdesc: no warning", name)
+		}
+		if rep.VMDesc.Present {
+			t.Errorf("%s vmdesc: reported present", name)
+		}
+	}
+}

@@ -390,13 +390,23 @@ func (r *Relay) pump() error {
 	h := newHandlers(r, w)
 	var tailStart time.Time
 	var tailFrom int64
+	sawEOF := false
 	for {
 		rec, err := rd.Next()
 		if err == io.EOF {
 			break
 		}
+		if err != nil && sawEOF {
+			// Only the vmdesc follows EOF, and the destination ignores it (stream-format.md
+			// §5.1): a missing or damaged one is not worth failing the migration for.
+			r.warn(fmt.Sprintf("source stream after EOF: %v (ignored, as the destination does)", err))
+			break
+		}
 		if err != nil {
 			return fmt.Errorf("source stream: %w", err)
+		}
+		if rec.Kind == stream.KindEOF && rec.Depth == 0 {
+			sawEOF = true
 		}
 		switch rec.Kind {
 		case stream.KindSectionPart:

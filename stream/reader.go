@@ -814,10 +814,10 @@ func (r *Reader) wellFormedNext(in *input, p int) bool {
 	}
 	switch t := SectionType(rest[0]); t {
 	case SectionEOF:
-		// EOF ends the input, or is followed by the located vmdesc, or (input without a
-		// complete vmdesc, e.g. truncated) by the start of one.
-		return len(rest) == 1 || p == in.end ||
-			(in.vmdesc == nil && !in.pkg && SectionType(rest[1]) == SectionVMDescription)
+		// EOF ends the input, or is followed by the located vmdesc, or — at top level, in an
+		// input without a complete vmdesc (truncated or damaged, which a destination ignores:
+		// stream-format.md §5.1) — by anything.
+		return len(rest) == 1 || p == in.end || (in.vmdesc == nil && !in.pkg)
 	case SectionStart, SectionFull:
 		if len(rest) < 6 {
 			return false
