@@ -3,12 +3,12 @@ package savevm
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 
@@ -33,6 +33,9 @@ var (
 	ErrDestination = errors.New("destination")
 	ErrPolicy      = errors.New("policy")
 	ErrUsage       = errors.New("usage")
+	// ErrCancelled: the caller's ctx ended (the CLI: SIGINT or SIGTERM); the error wraps
+	// context.Cause, which says which signal.
+	ErrCancelled = errors.New("cancelled")
 )
 
 // MigrateError is a failed migration: which side failed, in which phase, why, and what state the
@@ -65,8 +68,9 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 	if o.ConnectTimeout <= 0 {
 		o.ConnectTimeout = 30 * time.Second
 	}
+	untouched := "" // the source's state once known: failures before `migrate` leave it so
 	fail := func(class error, phase Phase, err error) (Summary, error) {
-		return Summary{}, &MigrateError{Class: class, Phase: phase, Err: err}
+		return Summary{}, &MigrateError{Class: class, Phase: phase, Err: err, SourceState: untouched}
 	}
 	if err := o.Policy.Validate(); err != nil {
 		return fail(ErrUsage, "", err)
@@ -88,6 +92,7 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 	if err != nil {
 		return fail(ErrSource, "", err)
 	}
+	untouched = before.Status + " (untouched)"
 	if m, err := src.QueryMigrate(cctx); err != nil {
 		return fail(ErrSource, "", err)
 	} else if m.Status != "" && !m.Finished() {
@@ -148,15 +153,22 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 		}
 	}()
 
-	// From here on the source is changed: every failure path restores it.
+	// From here on the source is changed: every failure path restores it. The commands that
+	// change it are not cut short by a cancelled ctx (a QMP call given up closes the monitor
+	// connection, and the recovery would have none): a signal is acted on between them.
 	restore := func(cause error, class error, phase Phase) (Summary, error) {
+		if ctx.Err() != nil {
+			class, cause = ErrCancelled, context.Cause(ctx)
+		}
 		return Summary{}, &MigrateError{Class: class, Phase: phase, Err: cause,
-			SourceState: recoverSource(src, before.Status, params)}
+			SourceState: recoverSource(src, o.SourceQMP, before.Status, params)}
 	}
-	if err := Hold(cctx, src, o.Policy); err != nil {
+	sctx, scancel := context.WithTimeout(context.Background(), o.ConnectTimeout)
+	defer scancel()
+	if err := Hold(sctx, src, o.Policy); err != nil {
 		return restore(err, ErrSource, "")
 	}
-	if err := src.Migrate(cctx, "unix:"+sock); err != nil {
+	if err := src.Migrate(sctx, "unix:"+sock); err != nil {
 		return restore(err, ErrSource, "")
 	}
 	sconn, err := acceptBefore(cctx, l)
@@ -168,7 +180,17 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 	relay := NewRelay(sconn, dconn, src, o.Options)
 	sum, err := relay.Run(ctx)
 	if err != nil {
-		return restore(err, classify(err, ctx), relay.Phase())
+		class := classify(err, ctx)
+		if class == ErrCancelled {
+			err = context.Cause(ctx)
+		}
+		state := recoverSource(src, o.SourceQMP, before.Status, params)
+		if class == ErrDestination && dst != nil {
+			if why := destinationSays(dst); why != "" {
+				err = fmt.Errorf("%w; %s", err, why)
+			}
+		}
+		return Summary{}, &MigrateError{Class: class, Phase: relay.Phase(), Err: err, SourceState: state}
 	}
 	delivered = true
 
@@ -179,7 +201,7 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 		sum.QEMUDowntimeMs = m.Downtime
 	}
 	if dst != nil {
-		st, err := waitStatus(wctx, dst, "running", "paused")
+		st, err := waitDestination(wctx, dst)
 		if err != nil {
 			return sum, &MigrateError{Class: ErrDestination, Phase: PhaseDone, SourceState: "postmigrate",
 				Err: fmt.Errorf("the destination did not start after receiving the complete stream: %w; the source stays paused in postmigrate: check the destination's log, and if it cannot run, resume the source with `cont` on its QMP", err)}
@@ -197,21 +219,54 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 // classify tells whose fault a relay error is.
 func classify(err error, ctx context.Context) error {
 	var pe *PolicyError
+	var de *DestinationError
 	switch {
-	case errors.As(err, &pe), ctx.Err() != nil:
+	case ctx.Err() != nil:
+		return ErrCancelled
+	case errors.As(err, &pe):
 		return ErrPolicy
-	case strings.Contains(err.Error(), "destination"):
+	case errors.As(err, &de):
 		return ErrDestination
 	}
 	return ErrSource
 }
 
 // recoverSource cancels the source's migration and puts the VM back in the run state it had,
-// with the migration parameters it had; it returns the state it ended in.
-func recoverSource(src *qmp.Client, wasState string, params map[string]any) string {
+// with the migration parameters it had; it returns the state it ended in. When the monitor
+// connection is gone (a call ran past its deadline, which closes it), it tries a fresh one on
+// path, briefly; a source whose QMP does not answer is reported with what is left to do.
+func recoverSource(src *qmp.Client, path, wasState string, params map[string]any) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if m, err := src.QueryMigrate(ctx); err == nil && !m.Finished() {
+	restore := map[string]any{}
+	for _, k := range []string{"downtime-limit", "max-bandwidth"} {
+		if v, ok := params[k]; ok {
+			restore[k] = v
+		}
+	}
+	manual := func(why error) string {
+		b, _ := json.Marshal(restore)
+		s := fmt.Sprintf("unknown: its QMP does not answer (%v); when it does: `migrate_cancel` if query-migrate shows a migration, `migrate-set-parameters` %s", why, b)
+		if wasState == "running" {
+			s += ", and `cont` if it is not running"
+		}
+		return s
+	}
+	m, err := src.QueryMigrate(ctx)
+	if err != nil {
+		dctx, dcancel := context.WithTimeout(ctx, 3*time.Second)
+		c, derr := qmp.DialUnix(dctx, path)
+		dcancel()
+		if derr != nil {
+			return manual(derr)
+		}
+		defer c.Close()
+		src = c
+		if m, err = src.QueryMigrate(ctx); err != nil {
+			return manual(err)
+		}
+	}
+	if !m.Finished() {
 		src.MigrateCancel(ctx)
 		for {
 			m, err := src.QueryMigrate(ctx)
@@ -221,16 +276,12 @@ func recoverSource(src *qmp.Client, wasState string, params map[string]any) stri
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
-	restore := map[string]any{}
-	for _, k := range []string{"downtime-limit", "max-bandwidth"} {
-		if v, ok := params[k]; ok {
-			restore[k] = v
-		}
+	if err := src.SetParameters(ctx, restore); err != nil {
+		return manual(err)
 	}
-	src.SetParameters(ctx, restore)
 	st, err := src.QueryStatus(ctx)
 	if err != nil {
-		return "unknown (" + err.Error() + ")"
+		return manual(err)
 	}
 	// The source may have stopped the guest for the switchover (finish-migrate, postmigrate)
 	// while the destination never got the complete stream: it is safe — and required — to
@@ -240,22 +291,29 @@ func recoverSource(src *qmp.Client, wasState string, params map[string]any) stri
 			return st.Status + " (cont failed: " + err.Error() + ")"
 		}
 		if st, err = src.QueryStatus(ctx); err != nil {
-			return "unknown (" + err.Error() + ")"
+			return manual(err)
 		}
 	}
 	return st.Status
 }
 
-func waitStatus(ctx context.Context, c *qmp.Client, states ...string) (string, error) {
+// waitDestination waits until the destination has loaded the stream and runs (or stays paused,
+// -S). It stops early when the destination's own migration failed or QEMU exited.
+func waitDestination(ctx context.Context, dst *qmp.Client) (string, error) {
 	for {
-		st, err := c.QueryStatus(ctx)
+		st, err := dst.QueryStatus(ctx)
 		if err != nil {
+			if ctx.Err() == nil {
+				return "", errors.New(dstExited)
+			}
 			return "", err
 		}
-		for _, s := range states {
-			if st.Status == s {
-				return s, nil
-			}
+		switch st.Status {
+		case "running", "paused":
+			return st.Status, nil
+		}
+		if m, err := dst.QueryMigrate(ctx); err == nil && m.Status == "failed" {
+			return "", fmt.Errorf("the destination QEMU failed to load it: %s", orUnknown(m.ErrorDesc))
 		}
 		select {
 		case <-ctx.Done():
@@ -263,6 +321,41 @@ func waitStatus(ctx context.Context, c *qmp.Client, states ...string) (string, e
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+}
+
+const dstExited = "its QMP connection closed: the destination QEMU has exited (its own error is in its log)"
+
+// destinationSays asks the destination QEMU, after the relay failed on the destination side,
+// what it makes of it. QEMU exits when it fails to load a stream (its error goes to its own
+// stderr, which the sidecar cannot read), unless it was started with `-incoming defer` and
+// `migrate-incoming` with exit-on-error=false (QEMU ≥ 9.1): then it stays up and reports the
+// error in query-migrate's error-desc. Bounded: "" when it says nothing within 2 s.
+func destinationSays(dst *qmp.Client) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	for {
+		m, err := dst.QueryMigrate(ctx)
+		switch {
+		case err != nil && ctx.Err() == nil:
+			return dstExited
+		case err != nil:
+			return ""
+		case m.Status == "failed":
+			return "the destination QEMU says: " + orUnknown(m.ErrorDesc)
+		}
+		select {
+		case <-ctx.Done():
+			return ""
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func orUnknown(s string) string {
+	if s == "" {
+		return "migration failed (no error-desc)"
+	}
+	return s
 }
 
 func acceptBefore(ctx context.Context, l net.Listener) (net.Conn, error) {

@@ -37,7 +37,12 @@ func Restore(ctx context.Context, o RestoreOptions) (Summary, error) {
 	sum, err := relay.Run(ctx)
 	if err != nil {
 		dconn.Abort()
-		return sum, &MigrateError{Class: classify(err, ctx), Phase: relay.Phase(), Err: fmt.Errorf("restore from %s: %w", o.From, err)}
+		class := classify(err, ctx)
+		if class == ErrCancelled {
+			err = context.Cause(ctx)
+		}
+		return sum, &MigrateError{Class: class, Phase: relay.Phase(),
+			Err: fmt.Errorf("restore from %s: %w; the destination got a reset, not a complete stream", o.From, err)}
 	}
 	return sum, nil
 }
