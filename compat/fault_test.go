@@ -615,8 +615,8 @@ func TestFault(t *testing.T) {
 		p := startSidecar(t, nil, "restore", "--from", file, "--to", uri, "--dst-version", "7.2", "--json")
 		code, wall, stderr := p.wait(t, 30*time.Second)
 		msg := oneLine(t, stderr, "offset")
-		if code == 0 {
-			t.Errorf("exit 0 for a truncated stream")
+		if code != 7 {
+			t.Errorf("exit %d for a truncated stream, want 7 (invalid stream)", code)
 		}
 		dstState := "exited"
 		select {

@@ -75,13 +75,13 @@ func Open(ctx context.Context, u URI) (Conn, error) {
 		var d net.Dialer
 		c, err := d.DialContext(ctx, u.Scheme, u.Addr)
 		if err != nil {
-			return nil, fmt.Errorf("destination %s: %w", u, err)
+			return nil, fmt.Errorf("%s: %w", u, err)
 		}
 		return &sockConn{c}, nil
 	case "file":
 		f, err := os.OpenFile(u.Addr, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 		if err != nil {
-			return nil, fmt.Errorf("destination %s: %w", u, err)
+			return nil, fmt.Errorf("%s: %w", u, err)
 		}
 		return &fileConn{f}, nil
 	case "exec":
@@ -93,7 +93,7 @@ func Open(ctx context.Context, u URI) (Conn, error) {
 			return nil, err
 		}
 		if err := cmd.Start(); err != nil {
-			return nil, fmt.Errorf("destination %s: %w", u, err)
+			return nil, fmt.Errorf("%s: %w", u, err)
 		}
 		return &execConn{cmd: cmd, w: w}, nil
 	}

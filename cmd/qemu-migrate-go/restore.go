@@ -1,11 +1,13 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
+	"github.com/qemu-migrate-go/qemu-migrate-go/stream"
 	"github.com/qemu-migrate-go/qemu-migrate-go/transport"
 )
 
@@ -29,6 +31,10 @@ func restoreCommand() *cli.Command {
 			sum, err := savevm.Restore(c.Context, savevm.RestoreOptions{From: c.String("from"), To: to,
 				Options: savevm.Options{DstSeries: c.String("dst-version"), Events: ui.event, Warn: ui.warn}})
 			ui.close()
+			var se *stream.Error
+			if errors.As(err, &se) {
+				return &exitError{exitInvalid, err} // the file is not a valid stream
+			}
 			if err != nil {
 				return err
 			}
