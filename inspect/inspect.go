@@ -303,7 +303,8 @@ func countRAM(rec *stream.Record, blocks map[string]*Block, rep *Report, x *extr
 	}
 	blk := blocks[r.Block]
 	if blk == nil {
-		return fmt.Errorf("%w: offset %d: page record for block %q, which the MEM_SIZE list does not name", ErrInvalid, rec.Offset, r.Block)
+		return &stream.Error{Offset: rec.Offset, SectionID: rec.Section.ID, Idstr: rec.Section.Idstr, InSection: true,
+			Expected: "ram page record", Err: fmt.Errorf("page record for block %q, which the MEM_SIZE list does not name", r.Block)}
 	}
 	switch kind {
 	case stream.RAMPage:
@@ -422,11 +423,16 @@ func (x *extractor) apply(rec *stream.Record) error {
 			return err
 		}
 		if err := stream.XBZRLEDecode(x.page, r.Data); err != nil {
-			return fmt.Errorf("offset %d: XBZRLE page %#x of %q: %w", rec.Offset, r.Offset, r.Block, err)
+			return &stream.Error{Offset: rec.Offset, SectionID: rec.Section.ID, Idstr: rec.Section.Idstr, InSection: true,
+				Expected: fmt.Sprintf("XBZRLE delta for page %#x of %q", r.Offset, r.Block), Err: err}
 		}
 	case stream.RAMCompressPage:
 		if n, err := x.inflate.Inflate(x.page, r.Data); err != nil || n != page {
-			return fmt.Errorf("offset %d: compressed page %#x of %q: %d bytes, %v", rec.Offset, r.Offset, r.Block, n, err)
+			if err == nil {
+				err = fmt.Errorf("inflates to %d bytes, not a page", n)
+			}
+			return &stream.Error{Offset: rec.Offset, SectionID: rec.Section.ID, Idstr: rec.Section.Idstr, InSection: true,
+				Expected: fmt.Sprintf("zlib data for page %#x of %q", r.Offset, r.Block), Err: err}
 		}
 	default:
 		return nil

@@ -281,7 +281,7 @@ func (r *MultifdReader) Next() (*MultifdPacket, error) {
 	if p.Version != MultifdVersion {
 		return nil, &Error{Offset: base + 4, Expected: "multifd packet version", Err: fmt.Errorf("got %d, want %d", p.Version, MultifdVersion)}
 	}
-	var max uint32
+	var limit uint32
 	if r.layout == MultifdV100 && p.IsDeviceState() {
 		if err := r.read(r.hdr[12:MultifdDeviceStateHeaderSize], "multifd device-state packet header", false); err != nil {
 			return nil, err
@@ -289,7 +289,7 @@ func (r *MultifdReader) Next() (*MultifdPacket, error) {
 		if err := decodeMultifdDeviceState(p, r.hdr[:MultifdDeviceStateHeaderSize]); err != nil {
 			return nil, err
 		}
-		max = r.limits.MaxDeviceStateSize
+		limit = r.limits.MaxDeviceStateSize
 	} else {
 		if err := r.read(r.hdr[12:], "multifd packet header", false); err != nil {
 			return nil, err
@@ -297,22 +297,32 @@ func (r *MultifdReader) Next() (*MultifdPacket, error) {
 		if err := decodeMultifdRAM(p, r.hdr[:], r.layout, base); err != nil {
 			return nil, err
 		}
-		max = r.limits.MaxCompressedSize
+		limit = r.limits.MaxCompressedSize
 		if p.Flags&r.layout.compressionMask() == 0 {
-			max = MultifdPageSlots * MultifdPageSize // normal_pages ≤ 128 bounds it already
+			limit = MultifdPageSlots * MultifdPageSize // normal_pages ≤ 128 bounds it already
 		}
 	}
 	n := p.payloadLen(r.layout)
-	if n > int64(max) {
-		return nil, &Error{Offset: base + 20, Expected: "multifd next_packet_size", Err: fmt.Errorf("%w: %d > %d", ErrTooLarge, n, max)}
+	if n > int64(limit) {
+		return nil, &Error{Offset: base + 20, Expected: "multifd next_packet_size", Err: fmt.Errorf("%w: %d > %d", ErrTooLarge, n, limit)}
 	}
-	if int64(cap(r.data)) < n {
-		r.data = make([]byte, n)
+	// Grow the buffer only with the data that actually arrives: a header can announce up to
+	// MaxDeviceStateSize (256 MiB by default) and be followed by nothing.
+	buf := r.data[:0]
+	for int64(len(buf)) < n {
+		if len(buf) == cap(buf) {
+			nb := make([]byte, len(buf), min(n, max(2*int64(cap(buf)), 1<<20)))
+			copy(nb, buf)
+			buf = nb
+		}
+		k := int(min(n-int64(len(buf)), int64(cap(buf)-len(buf))))
+		if err := r.read(buf[len(buf):len(buf)+k], "multifd packet payload", false); err != nil {
+			return nil, err
+		}
+		buf = buf[:len(buf)+k]
 	}
-	p.Data = r.data[:n]
-	if err := r.read(p.Data, "multifd packet payload", false); err != nil {
-		return nil, err
-	}
+	r.data = buf
+	p.Data = buf
 	return p, nil
 }
 
