@@ -376,13 +376,17 @@ func TestFault(t *testing.T) {
 		srcMachine  string
 		srcExtra    []string
 		exitOnError bool
+		noDstQMP    bool   // run without --dst-qmp: nothing can be checked before sending
 		want        string // in the message
 	}{
-		{"machine/7.2", q72, "pc-q35-7.1", nil, true, "destination QEMU has exited"},
-		{"machine/10.0", q10, "pc-q35-7.2", nil, true, "destination QEMU has exited"},
-		{"machine/10.0-exit-on-error-false", q10, "pc-q35-7.2", nil, false, "the destination QEMU says: load of migration failed"},
-		{"device/7.2", q72, "", []string{"-device", "i6300esb"}, true, "destination QEMU has exited"},
-		{"device/10.0-exit-on-error-false", q10, "", []string{"-device", "i6300esb"}, false, "the destination QEMU failed to load it: load of migration failed"},
+		// With --dst-qmp the machine types are compared before anything is sent: the source is
+		// untouched and the destination still waits.
+		{"machine/7.2", q72, "pc-q35-7.1", nil, true, false, "machine type \"pc-q35-7.1\" on the source, \"pc-q35-7.2\" on the destination"},
+		{"machine/10.0", q10, "pc-q35-7.2", nil, true, false, "machine type \"pc-q35-7.2\" on the source, \"pc-q35-10.0\" on the destination"},
+		// Without it the destination rejects the configuration section and drops the connection.
+		{"machine/10.0-no-dst-qmp", q10, "pc-q35-7.2", nil, true, true, "destination"},
+		{"device/7.2", q72, "", []string{"-device", "i6300esb"}, true, false, "destination QEMU has exited"},
+		{"device/10.0-exit-on-error-false", q10, "", []string{"-device", "i6300esb"}, false, false, "the destination QEMU failed to load it: load of migration failed"},
 	}
 	for _, c := range rejects {
 		t.Run("dst-rejects/"+c.name, func(t *testing.T) {
@@ -402,9 +406,19 @@ func TestFault(t *testing.T) {
 			}
 			src := faultVM(t, ctx, VMConfig{Name: "src", QEMU: c.q, Machine: c.srcMachine, Extra: c.srcExtra})
 			params := migrationParams(t, ctx, src)
-			p := startSidecar(t, nil, "--qmp", src.SidecarQMP, "--to", uri, "--dst-qmp", dst.SidecarQMP, "--json")
+			args := []string{"--qmp", src.SidecarQMP, "--to", uri, "--json"}
+			if !c.noDstQMP {
+				args = append(args, "--dst-qmp", dst.SidecarQMP)
+			}
+			p := startSidecar(t, nil, args...)
 			code, wall, stderr := p.wait(t, 45*time.Second)
-			msg := oneLine(t, stderr, "destination", "phase", c.want)
+			precheck := strings.HasPrefix(c.name, "machine/") && !c.noDstQMP
+			var msg string
+			if precheck {
+				msg = oneLine(t, stderr, "destination", c.want, "untouched")
+			} else {
+				msg = oneLine(t, stderr, "destination", "phase", c.want)
+			}
 			if code != 4 {
 				t.Errorf("exit %d, want 4", code)
 			}
@@ -414,7 +428,11 @@ func TestFault(t *testing.T) {
 			} else {
 				state = sourceRestored(t, ctx, src, params)
 			}
-			if c.exitOnError {
+			if precheck {
+				if st, err := dst.QMP.QueryStatus(ctx); err != nil || st.Status != "inmigrate" {
+					t.Errorf("destination %q %v after the pre-check, want still inmigrate", st.Status, err)
+				}
+			} else if c.exitOnError {
 				select {
 				case <-dst.Exited():
 				case <-time.After(10 * time.Second):

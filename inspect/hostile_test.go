@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/qemu-migrate-go/qemu-migrate-go/stream"
+	"github.com/qemu-migrate-go/qemu-migrate-go/streamtest"
 )
 
 // Hostile input for Inspect (design.md safety contract, item 3): truncated and bit-flipped
@@ -118,14 +119,13 @@ type capture struct {
 }
 
 func hostileCaptures(t *testing.T) []capture {
-	files, _ := filepath.Glob("../testdata/streams/*.bin.gz")
-	if len(files) == 0 {
-		t.Skip("no captures in testdata/streams")
-	}
 	var out []capture
-	for _, f := range files {
-		name := strings.TrimSuffix(filepath.Base(f), ".bin.gz")
-		out = append(out, capture{name, load(t, f), strings.Contains(name, ".ch")})
+	for _, c := range streamtest.Captures(t) {
+		out = append(out, capture{c.Name, streamtest.Read(t, c.Path), false})
+		for _, ch := range c.Channels {
+			name := strings.TrimSuffix(filepath.Base(ch), ".bin.gz")
+			out = append(out, capture{name, streamtest.Read(t, ch), true})
+		}
 	}
 	return out
 }

@@ -2,10 +2,8 @@ package inspect
 
 import (
 	"bytes"
-	"compress/gzip"
 	"encoding/json"
 	"errors"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,47 +12,8 @@ import (
 	"github.com/santhosh-tekuri/jsonschema/v6"
 
 	"github.com/qemu-migrate-go/qemu-migrate-go/stream"
+	"github.com/qemu-migrate-go/qemu-migrate-go/streamtest"
 )
-
-// oracle is the NAME.json that make testdata stores beside each capture.
-type oracle struct {
-	Capabilities map[string]bool `json:"capabilities"`
-	Channels     []string        `json:"channels"`
-	RAM          struct {
-		Normal    int64 `json:"normal"`
-		Duplicate int64 `json:"duplicate"`
-	} `json:"ram"`
-	XBZRLE *struct {
-		Pages int64 `json:"pages"`
-	} `json:"xbzrle_cache"`
-}
-
-func streams(t *testing.T) []string {
-	t.Helper()
-	files, _ := filepath.Glob("../testdata/streams/*.json")
-	if len(files) == 0 {
-		t.Fatal("no captures in testdata/streams (make testdata)")
-	}
-	return files
-}
-
-func load(t testing.TB, path string) []byte {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	zr, err := gzip.NewReader(f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := io.ReadAll(zr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
 
 func schema(t *testing.T) *jsonschema.Schema {
 	t.Helper()
@@ -95,15 +54,10 @@ func validate(t *testing.T, s *jsonschema.Schema, rep *Report) {
 // multifd captures are counted over their channel recordings.
 func TestOracle(t *testing.T) {
 	sch := schema(t)
-	for _, js := range streams(t) {
-		name := strings.TrimSuffix(filepath.Base(js), ".json")
+	for _, c := range streamtest.Captures(t) {
+		name, o := c.Name, c.Meta
 		t.Run(name, func(t *testing.T) {
-			var o oracle
-			b, _ := os.ReadFile(js)
-			if err := json.Unmarshal(b, &o); err != nil {
-				t.Fatal(err)
-			}
-			rep, err := Inspect(bytes.NewReader(load(t, strings.TrimSuffix(js, ".json")+".bin.gz")), Options{})
+			rep, err := Inspect(bytes.NewReader(streamtest.Read(t, c.Path)), Options{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -115,8 +69,8 @@ func TestOracle(t *testing.T) {
 			for _, blk := range rep.RAMBlocks {
 				normal, zero, xbzrle, compressed = normal+blk.Normal, zero+blk.Zero, xbzrle+blk.XBZRLE, compressed+blk.Compressed
 			}
-			for _, ch := range o.Channels {
-				crep, err := Inspect(bytes.NewReader(load(t, filepath.Join(filepath.Dir(js), ch))), Options{})
+			for _, ch := range c.Channels {
+				crep, err := Inspect(bytes.NewReader(streamtest.Read(t, ch)), Options{})
 				if err != nil {
 					t.Fatalf("%s: %v", ch, err)
 				}
@@ -177,7 +131,7 @@ func TestExtractRAM(t *testing.T) {
 	for _, name := range []string{"dirty-7.2", "xbzrle-7.2", "xbzrle-10.0", "compress-7.2"} {
 		t.Run(name, func(t *testing.T) {
 			dir := t.TempDir()
-			if _, err := Inspect(bytes.NewReader(load(t, "../testdata/streams/"+name+".bin.gz")), Options{ExtractRAM: dir}); err != nil {
+			if _, err := Inspect(bytes.NewReader(streamtest.Load(t, name)), Options{ExtractRAM: dir}); err != nil {
 				t.Fatal(err)
 			}
 			ram, err := os.ReadFile(filepath.Join(dir, "pc.ram.bin"))
@@ -210,7 +164,7 @@ func TestExtractRAM(t *testing.T) {
 // TestInvalid checks that a truncated stream gives the report of what was read, an error
 // wrapping ErrInvalid and the offset.
 func TestInvalid(t *testing.T) {
-	b := load(t, "../testdata/streams/idle-7.2.bin.gz")
+	b := streamtest.Load(t, "idle-7.2")
 	rep, err := Inspect(bytes.NewReader(b[:len(b)/2]), Options{})
 	if !errors.Is(err, ErrInvalid) || rep == nil || rep.Error == "" || rep.ErrorOffset == 0 {
 		t.Fatalf("truncated stream: %v, %+v", err, rep)
@@ -224,7 +178,7 @@ func TestInvalid(t *testing.T) {
 // TestDevice decodes globalstate and checks its runstate.
 func TestDevice(t *testing.T) {
 	var out bytes.Buffer
-	if _, err := Inspect(bytes.NewReader(load(t, "../testdata/streams/idle-10.0.bin.gz")), Options{Device: "globalstate", DeviceOut: &out}); err != nil {
+	if _, err := Inspect(bytes.NewReader(streamtest.Load(t, "idle-10.0")), Options{Device: "globalstate", DeviceOut: &out}); err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(out.String(), "runstate") || !strings.Contains(out.String(), "72756e6e696e67") { // "running"
@@ -235,7 +189,7 @@ func TestDevice(t *testing.T) {
 // TestDamagedVMDesc: what follows EOF is ignored by a destination (stream-format.md §5.1), so a
 // stream whose vmdesc is cut short or whose type byte is wrong is valid, with a warning.
 func TestDamagedVMDesc(t *testing.T) {
-	b := load(t, "../testdata/streams/idle-7.2.bin.gz")
+	b := streamtest.Load(t, "idle-7.2")
 	i := bytes.LastIndex(b, []byte{0x00, 0x06})
 	if i < 0 {
 		t.Fatal("no EOF+vmdesc in idle-7.2")

@@ -37,6 +37,10 @@ func TestCommandsAgainstQEMU(t *testing.T) {
 			if v.String() != vm.Config.QEMU.Full {
 				t.Errorf("query-version %s, --version said %s", v, vm.Config.QEMU.Full)
 			}
+			// -machine q35 is an alias: the exact name is what the stream carries.
+			if m, err := c.MachineType(ctx); err != nil || m != "pc-q35-"+series {
+				t.Errorf("machine type %q, %v; want pc-q35-%s", m, err, series)
+			}
 			events, unsubscribe := c.Subscribe()
 			defer unsubscribe()
 			if err := c.Stop(ctx); err != nil {

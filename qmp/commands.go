@@ -232,3 +232,13 @@ func WaitEvent(ctx context.Context, events <-chan Event, name string, match func
 		}
 	}
 }
+
+// MachineType returns the exact machine type name the VM runs ("pc-q35-7.2" — never an alias
+// like "q35"), read from the QOM type of /machine.
+func (c *Client) MachineType(ctx context.Context) (string, error) {
+	var t string
+	if err := c.Execute(ctx, "qom-get", map[string]any{"path": "/machine", "property": "type"}, &t); err != nil {
+		return "", err
+	}
+	return strings.TrimSuffix(t, "-machine"), nil
+}

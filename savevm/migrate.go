@@ -121,6 +121,9 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 			return fail(ErrDestination, "", err)
 		}
 		o.DstSeries = fmt.Sprintf("%d.%d", v.QEMU.Major, v.QEMU.Minor)
+		if err := sameMachine(cctx, src, dst); err != nil {
+			return fail(ErrDestination, "", err)
+		}
 	}
 	params, err := src.QueryParameters(cctx)
 	if err != nil {
@@ -214,6 +217,24 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 		}
 	}
 	return sum, nil
+}
+
+// sameMachine checks, before anything is sent, that the destination runs the machine type the
+// stream will name: a destination compares the received name with its own (stream-format.md §1)
+// and rejects the whole migration otherwise — after the source has sent it all.
+func sameMachine(ctx context.Context, src, dst *qmp.Client) error {
+	sm, err := src.MachineType(ctx)
+	if err != nil {
+		return fmt.Errorf("reading the source's machine type: %w", err)
+	}
+	dm, err := dst.MachineType(ctx)
+	if err != nil {
+		return fmt.Errorf("reading the destination's machine type: %w", err)
+	}
+	if sm != dm {
+		return fmt.Errorf("machine type %q on the source, %q on the destination: the destination would reject the stream; start both with the same versioned type (e.g. -machine %s)", sm, dm, sm)
+	}
+	return nil
 }
 
 // classify tells whose fault a relay error is.

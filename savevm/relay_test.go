@@ -2,7 +2,6 @@ package savevm
 
 import (
 	"bytes"
-	"compress/gzip"
 	"context"
 	"errors"
 	"fmt"
@@ -10,7 +9,6 @@ import (
 	"math/rand"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,6 +19,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/qemu-migrate-go/qemu-migrate-go/stream"
+	"github.com/qemu-migrate-go/qemu-migrate-go/streamtest"
 )
 
 // The relay is fed hostile sources here. A fake source QEMU (a goroutine writing into an
@@ -101,24 +100,6 @@ func fakeSource(data []byte) (src io.ReadCloser, done <-chan struct{}) {
 		pw.Close()
 	}()
 	return pr, ch
-}
-
-func loadCapture(t testing.TB, name string) []byte {
-	t.Helper()
-	f, err := os.Open(filepath.Join("..", "testdata", "streams", name+".bin.gz"))
-	if err != nil {
-		t.Skipf("capture %s: %v", name, err)
-	}
-	defer f.Close()
-	zr, err := gzip.NewReader(f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := io.ReadAll(zr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
 }
 
 // relayOnce relays data from a fake source into a recorder, as savevm.Restore does (ctl nil),
@@ -206,7 +187,7 @@ func checkFailedRelay(t *testing.T, what string, in []byte, eof int64, orig []by
 func TestRelayHostileSource(t *testing.T) {
 	for _, name := range []string{"idle-7.2", "idle-10.0", "compress-7.2", "multifd-10.0"} {
 		t.Run(name, func(t *testing.T) {
-			orig := loadCapture(t, name)
+			orig := streamtest.Load(t, name)
 			eof, offs := eofOffset(t, orig)
 			rng := rand.New(rand.NewSource(7))
 			// Cuts: every non-RAM boundary near the end (device tail, EOF, inside the vmdesc),
@@ -281,7 +262,7 @@ func TestRelayHostileSource(t *testing.T) {
 // not end the destination with Close, the clean end of stream; the caller aborts it.
 func TestRelayCancelDoesNotCloseCleanly(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
-	orig := loadCapture(t, "idle-7.2")
+	orig := streamtest.Load(t, "idle-7.2")
 	pr, pw := io.Pipe()
 	go func() {
 		pw.Write(orig[:len(orig)/3]) // then stall: the source sends nothing more
@@ -304,7 +285,7 @@ func TestRelayCancelDoesNotCloseCleanly(t *testing.T) {
 // TestRelayNoGoroutineLeak: after a failed relay — corrupt source, destination failing its
 // writes, stalled source caught by the policy — no goroutine is left behind.
 func TestRelayNoGoroutineLeak(t *testing.T) {
-	orig := loadCapture(t, "idle-7.2")
+	orig := streamtest.Load(t, "idle-7.2")
 	eof, _ := eofOffset(t, orig)
 	t.Run("corrupt source", func(t *testing.T) {
 		defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
@@ -428,7 +409,7 @@ func synthSource(w io.Writer, capture []byte, ramBytes uint64) error {
 // relaySynthetic relays a synthetic stream of ramBytes of RAM from a generator goroutine into a
 // counting destination; it returns the bytes relayed and the time taken.
 func relaySynthetic(t testing.TB, ramBytes uint64) (int64, time.Duration) {
-	capture := loadCapture(t, "idle-7.2")
+	capture := streamtest.Load(t, "idle-7.2")
 	pr, pw := io.Pipe()
 	genErr := make(chan error, 1)
 	go func(capture []byte) {

@@ -2,12 +2,12 @@ package savevm
 
 import (
 	"bytes"
-	"compress/gzip"
 	"context"
 	"io"
-	"os"
 	"strings"
 	"testing"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/streamtest"
 )
 
 type bufConn struct {
@@ -22,24 +22,12 @@ func (b *bufConn) Abort()       { b.aborted = true }
 // relay of a stream whose vmdesc is damaged completes, with a warning, and forwards everything up
 // to and including EOF unchanged.
 func TestRelayDamagedVMDesc(t *testing.T) {
-	f, err := os.Open("../testdata/streams/idle-7.2.bin.gz")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	zr, err := gzip.NewReader(f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := io.ReadAll(zr)
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := streamtest.Load(t, "idle-7.2")
 	eof := bytes.LastIndex(b, []byte{0x00, 0x06})
 	damaged := append(append([]byte(nil), b[:eof+1]...), 0x07, 1, 2, 3)
 	var warnings []string
 	dst := &bufConn{}
-	_, err = NewRelay(io.NopCloser(bytes.NewReader(damaged)), dst, nil,
+	_, err := NewRelay(io.NopCloser(bytes.NewReader(damaged)), dst, nil,
 		Options{Warn: func(s string) { warnings = append(warnings, s) }}).Run(context.Background())
 	if err != nil {
 		t.Fatalf("relay of a stream with a damaged vmdesc: %v", err)

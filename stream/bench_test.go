@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/streamtest"
 )
 
 const benchRAM = 256 << 20
@@ -25,7 +27,7 @@ func pageHeavyStream(tb testing.TB) []byte {
 		var buf bytes.Buffer
 		buf.Grow(benchRAM + benchRAM/256)
 		w := NewWriter(&buf)
-		if b, err := vmdescTestRead("../testdata/streams/idle-7.2.bin.gz"); err == nil && len(b) > 0x17 {
+		if b, err := streamtest.ReadFile(filepath.Join(streamtest.Dir(), "idle-7.2.bin.gz")); err == nil && len(b) > 0x17 {
 			w.WriteRaw(b[:0x17]) // header + configuration of a real QEMU 7.2 stream
 		} else {
 			w.WriteHeader()

@@ -4,9 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"io"
-	"os"
 	"runtime"
 	"testing"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/streamtest"
 )
 
 // minimalStream is the 22-byte stream QEMU accepts as a complete migration (stream-format.md §2).
@@ -20,10 +21,9 @@ var fuzzLimits = Limits{
 
 func FuzzReader(f *testing.F) {
 	f.Add(minimalStream)
-	for _, name := range []string{"/tmp/idle72.bin", "/tmp/idle10.bin"} {
-		if b, err := os.ReadFile(name); err == nil {
-			f.Add(b[:min(len(b), 600)]) // header, config, START with MEM_SIZE, first records
-		}
+	for _, name := range []string{"idle-7.2", "idle-10.0"} {
+		b := streamtest.Load(f, name)
+		f.Add(b[:min(len(b), 600)]) // header, config, START with MEM_SIZE, first records
 	}
 	for _, s := range syntheticStreams() {
 		f.Add(s.data)

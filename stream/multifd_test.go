@@ -3,13 +3,13 @@ package stream
 import (
 	"bytes"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"io"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/streamtest"
 )
 
 func multifdTestPacket(l MultifdLayout, normal, zero uint32, flags uint32) *MultifdPacket {
@@ -199,28 +199,18 @@ func TestMultifdAllocs(t *testing.T) {
 	}
 }
 
-// multifdTestChannels lists channel captures: testdata/streams/NAME.chN.bin[.gz] and
-// /tmp/multifd/*.chN.bin, with the layout from NAME.json ("qemu": "7.…" → V72) or the name.
-func multifdTestChannels() map[string]MultifdLayout {
+// multifdTestChannels lists the channel captures of testdata/streams with the packet layout of
+// the QEMU that made them (NAME.json "qemu").
+func multifdTestChannels(t testing.TB) map[string]MultifdLayout {
 	out := map[string]MultifdLayout{}
-	var files []string
-	for _, pat := range []string{"../testdata/streams/*.ch*.bin", "../testdata/streams/*.ch*.bin.gz", "/tmp/multifd/*.ch*.bin"} {
-		m, _ := filepath.Glob(pat)
-		files = append(files, m...)
-	}
-	for _, f := range files {
-		base := filepath.Base(f)
-		name := base[:strings.Index(base, ".ch")]
+	for _, c := range streamtest.Captures(t) {
 		l := MultifdV100
-		if js, err := os.ReadFile(filepath.Join(filepath.Dir(f), name+".json")); err == nil {
-			var meta struct{ Qemu string }
-			if json.Unmarshal(js, &meta) == nil && strings.HasPrefix(meta.Qemu, "7.") {
-				l = MultifdV72
-			}
-		} else if strings.Contains(name, "7.2") && !strings.Contains(name, "10") || strings.Contains(name, "72") && !strings.Contains(name, "10") {
+		if strings.HasPrefix(c.Meta.QEMU, "7.") {
 			l = MultifdV72
 		}
-		out[f] = l
+		for _, ch := range c.Channels {
+			out[ch] = l
+		}
 	}
 	return out
 }
@@ -228,9 +218,9 @@ func multifdTestChannels() map[string]MultifdLayout {
 // TestMultifdReal reads every recorded channel, checks the hello and packet invariants and
 // re-encodes the channel byte-identically.
 func TestMultifdReal(t *testing.T) {
-	chans := multifdTestChannels()
+	chans := multifdTestChannels(t)
 	if len(chans) == 0 {
-		t.Skip("no multifd channel captures")
+		t.Fatal("no multifd channel captures in testdata/streams")
 	}
 	for f, l := range chans {
 		t.Run(filepath.Base(f)+"/"+l.String(), func(t *testing.T) {

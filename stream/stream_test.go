@@ -2,15 +2,13 @@ package stream
 
 import (
 	"bytes"
-	"compress/gzip"
-	"encoding/json"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/streamtest"
 )
 
 // realStream is a captured stream with its expected QMP RAM counters.
@@ -25,62 +23,13 @@ type realStream struct {
 // channelFile matches multifd channel captures (NAME.chN.bin[.gz]), which are not main streams.
 var channelFile = regexp.MustCompile(`\.ch[0-9]+\.bin(\.gz)?$`)
 
-// realStreams returns every capture in ../testdata/streams (NAME.bin or NAME.bin.gz, with the
-// QMP counters from NAME.json when present) plus the /tmp ones if present.
+// realStreams returns every capture in testdata/streams with the QMP counters recorded beside it.
 func realStreams(t testing.TB) []realStream {
 	t.Helper()
 	var out []realStream
-	bins, _ := filepath.Glob(filepath.Join("..", "testdata", "streams", "*.bin"))
-	gzs, _ := filepath.Glob(filepath.Join("..", "testdata", "streams", "*.bin.gz"))
-	for _, f := range append(bins, gzs...) {
-		if channelFile.MatchString(f) {
-			continue
-		}
-		b, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if strings.HasSuffix(f, ".gz") {
-			zr, err := gzip.NewReader(bytes.NewReader(b))
-			if err != nil {
-				t.Fatalf("%s: %v", f, err)
-			}
-			if b, err = io.ReadAll(zr); err != nil {
-				t.Fatalf("%s: %v", f, err)
-			}
-		}
-		base := strings.TrimSuffix(strings.TrimSuffix(f, ".gz"), ".bin")
-		s := realStream{name: filepath.Base(base), data: b, normal: -1, duplicate: -1}
-		if j, err := os.ReadFile(base + ".json"); err == nil {
-			var meta struct {
-				Capabilities map[string]bool `json:"capabilities"`
-				RAM          struct {
-					Normal    *int64 `json:"normal"`
-					Duplicate *int64 `json:"duplicate"`
-				} `json:"ram"`
-			}
-			if err := json.Unmarshal(j, &meta); err != nil {
-				t.Fatalf("%s: %v", f, err)
-			}
-			if meta.RAM.Normal != nil {
-				s.normal = *meta.RAM.Normal
-			}
-			if meta.RAM.Duplicate != nil {
-				s.duplicate = *meta.RAM.Duplicate
-			}
-			s.caps = meta.Capabilities
-		}
-		out = append(out, s)
-	}
-	for _, f := range []string{"/tmp/idle72.bin", "/tmp/idle10.bin", "/tmp/idle10on72.bin"} {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			continue
-		}
-		out = append(out, realStream{name: filepath.Base(f), data: b, normal: 119, duplicate: 16395})
-	}
-	if len(out) == 0 {
-		t.Skip("no captured streams")
+	for _, c := range streamtest.Captures(t) {
+		out = append(out, realStream{name: c.Name, data: streamtest.Read(t, c.Path),
+			normal: c.Meta.RAM.Normal, duplicate: c.Meta.RAM.Duplicate, caps: c.Meta.Capabilities})
 	}
 	return out
 }

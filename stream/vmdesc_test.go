@@ -2,15 +2,14 @@ package stream
 
 import (
 	"bytes"
-	"compress/gzip"
 	"encoding/binary"
 	"errors"
-	"io"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/streamtest"
 )
 
 // vmdescTestSection is a FULL device section located independently of the vmdesc walker (by
@@ -39,42 +38,19 @@ var (
 	vmdescTestErrs    []string
 )
 
-// vmdescTestFiles lists the main-stream captures that exist: the /tmp idle streams and
-// testdata/streams/*.bin[.gz] (multifd channel files NAME.chN.bin excluded).
+// vmdescTestFiles lists the main-stream captures in testdata/streams.
 func vmdescTestFiles() []string {
-	var files []string
-	for _, f := range []string{"/tmp/idle72.bin", "/tmp/idle10.bin", "/tmp/idle10on72.bin"} {
-		if _, err := os.Stat(f); err == nil {
-			files = append(files, f)
+	files, _ := filepath.Glob(filepath.Join(streamtest.Dir(), "*.bin.gz"))
+	var out []string
+	for _, f := range files {
+		if !strings.Contains(filepath.Base(f), ".ch") {
+			out = append(out, f)
 		}
 	}
-	for _, pat := range []string{"*.bin", "*.bin.gz"} {
-		m, _ := filepath.Glob(filepath.Join("..", "testdata", "streams", pat))
-		for _, f := range m {
-			if !strings.Contains(filepath.Base(f), ".ch") {
-				files = append(files, f)
-			}
-		}
-	}
-	return files
+	return out
 }
 
-func vmdescTestRead(path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var r io.Reader = f
-	if strings.HasSuffix(path, ".gz") {
-		z, err := gzip.NewReader(f)
-		if err != nil {
-			return nil, err
-		}
-		r = z
-	}
-	return io.ReadAll(r)
-}
+func vmdescTestRead(path string) ([]byte, error) { return streamtest.ReadFile(path) }
 
 // vmdescTestLoad reads every available stream and locates its tail.
 func vmdescTestLoad(t testing.TB) []*vmdescTestStream {
