@@ -36,7 +36,8 @@ type Options struct {
 	Events func(Event)
 	// Warn receives warnings (heuristic boundaries, rewritten records); nil = discard.
 	Warn func(string)
-	// PollInterval is how often the policy looks at the source (default 100 ms).
+	// PollInterval is how often the policy looks at the source (default 25 ms: the switchover
+	// decision waits for the first check after a dirty sync, so this is its latency).
 	PollInterval time.Duration
 	// Limits caps what the stream reader allocates.
 	Limits *stream.Limits
@@ -137,7 +138,7 @@ type Relay struct {
 func NewRelay(src io.ReadCloser, dst io.WriteCloser, ctl Control, opt Options) *Relay {
 	opt.Policy = opt.Policy.withDefaults()
 	if opt.PollInterval <= 0 {
-		opt.PollInterval = 100 * time.Millisecond
+		opt.PollInterval = 25 * time.Millisecond
 	}
 	r := &Relay{src: src, dst: dst, ctl: ctl, opt: opt, emit: opt.Events}
 	if r.emit == nil {
@@ -170,7 +171,8 @@ func (r *Relay) setPhase(p Phase) {
 }
 
 // Run relays until the destination has the complete stream (nil), or fails: a *stream.Error for
-// a bad source stream, a *PolicyError when the policy gave up; Phase says where.
+// a bad source stream, a *PolicyError when the policy gave up; Phase says where. The caller
+// completes the summary (QEMU's own figures) and emits it (EmitSummary).
 func (r *Relay) Run(ctx context.Context) (Summary, error) {
 	start := time.Now()
 	ctx, cancel := context.WithCancel(ctx)
@@ -182,7 +184,8 @@ func (r *Relay) Run(ctx context.Context) (Summary, error) {
 
 	var err error
 	policyErr := make(chan error, 1)
-	go func() { policyErr <- r.policyLoop(ctx, start) }()
+	pumpDone := make(chan struct{})
+	go func() { policyErr <- r.policyLoop(ctx, start, pumpDone) }()
 	// abort tears both ends down: the source's writes fail at once (a source QEMU blocked
 	// writing its completion would otherwise hold its monitor until the connection closes), and
 	// the destination sees a reset, never a clean end of stream.
@@ -209,10 +212,20 @@ func (r *Relay) Run(ctx context.Context) (Summary, error) {
 	}
 	select {
 	case err = <-pumpErr:
-		cancel()
-		<-policyErr
 		if err != nil {
+			cancel()
+			<-policyErr
 			abort()
+			break
+		}
+		// Let a query in flight finish rather than cutting it off: a cancelled QMP call closes
+		// the monitor connection, which the caller still needs (QEMU's own figures, recovery).
+		close(pumpDone)
+		select {
+		case <-policyErr:
+		case <-time.After(5 * time.Second):
+			cancel()
+			<-policyErr
 		}
 	case err = <-policyErr:
 		// The policy (or the source's QMP) gave up.
@@ -239,15 +252,21 @@ func (r *Relay) Run(ctx context.Context) (Summary, error) {
 		sum.DowntimeMs = r.deliveredAt.Sub(stoppedAt).Milliseconds()
 	}
 	r.setPhase(PhaseDone)
-	r.emit(Event{Type: "summary", Time: time.Now(), Phase: PhaseDone, Transferred: sum.BytesOut, Summary: &sum})
 	return sum, nil
+}
+
+// EmitSummary sends the final "summary" event of a finished migration to opt.Events.
+func EmitSummary(opt Options, sum Summary) {
+	if opt.Events != nil {
+		opt.Events(Event{Type: "summary", Time: time.Now(), Phase: PhaseDone, Transferred: sum.BytesOut, Summary: &sum})
+	}
 }
 
 // policyLoop watches the source every PollInterval, reports progress, and steers QEMU's
 // switchover by its downtime-limit: held at 1 ms until the policy decides (expected downtime
 // within Downtime, iteration limit, timeout with pause), then raised to QEMU's maximum so that
 // QEMU switches over at once, whatever its own bandwidth estimate says.
-func (r *Relay) policyLoop(ctx context.Context, start time.Time) error {
+func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan struct{}) error {
 	p := r.opt.Policy
 	t := time.NewTicker(r.opt.PollInterval)
 	defer t.Stop()
@@ -257,10 +276,13 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time) error {
 		lastOut      int64
 		lastTick     = time.Now()
 		rate         float64
+		capacity     float64
 	)
 	for {
 		select {
 		case <-ctx.Done():
+			return nil
+		case <-pumpDone:
 			return nil
 		case <-t.C:
 		}
@@ -276,6 +298,11 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time) error {
 			} else {
 				rate = 0.5*rate + 0.5*cur
 			}
+			// capacity is what the link carries when QEMU has full pages to send: the byte rate
+			// falls while a pass walks over zero pages (9 bytes each), but the dirty set a
+			// switchover sends is full pages. The peak decays so a slower link shows within
+			// about a second.
+			capacity = max(capacity*0.97, rate)
 		}
 		lastOut, lastTick = out, now
 		if r.ctl == nil { // a replay (restore): no source to steer, only stalls to catch
@@ -303,7 +330,7 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time) error {
 		if info.Status != "active" || info.RAM == nil || info.RAM.Total == 0 {
 			continue // still setting up: QEMU's counters are not meaningful yet
 		}
-		o := observation{elapsed: now.Sub(start), sinceProgress: now.Sub(lastProgress), rate: rate}
+		o := observation{elapsed: now.Sub(start), sinceProgress: now.Sub(lastProgress), rate: capacity}
 		ev := Event{Type: "progress", Time: now, Phase: r.Phase(), Transferred: out, Rate: rate}
 		if info.RAM != nil {
 			o.remaining = info.RAM.Remaining
@@ -311,8 +338,8 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time) error {
 			ev.Remaining, ev.Total = info.RAM.Remaining, info.RAM.Total
 			ev.DirtyRate = float64(info.RAM.DirtyPagesRate) * 4096
 		}
-		if rate > 0 {
-			o.expected = time.Duration(float64(o.remaining) / rate * float64(time.Second))
+		if capacity > 0 {
+			o.expected = time.Duration(float64(o.remaining) / capacity * float64(time.Second))
 		}
 		ev.ExpectedDowntimeMs = o.expected.Milliseconds()
 		ev.Iteration = o.iteration
@@ -355,6 +382,8 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time) error {
 			for r.Phase() == PhaseSetup || r.Phase() == PhaseIterate {
 				select {
 				case <-ctx.Done():
+					return nil
+				case <-pumpDone:
 					return nil
 				case <-t.C:
 				}

@@ -216,6 +216,7 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 			}
 		}
 	}
+	EmitSummary(o.Options, sum)
 	return sum, nil
 }
 
