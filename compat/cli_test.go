@@ -224,3 +224,39 @@ func TestPolicyTimeout(t *testing.T) {
 		})
 	}
 }
+
+// TestPolicyAutoConverge: the dirty guest rewrites all of its 99 MiB faster than any link here
+// carries them, so a 30 ms budget is never met (see TestPolicyTimeout); with --auto-converge
+// QEMU throttles its vCPU once it dirties faster than the link, and the migration completes.
+func TestPolicyAutoConverge(t *testing.T) {
+	q := requireQEMU(t, "7.2")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	disk := GuestDirty()
+	port, _ := FreePort()
+	uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
+	src := StartVM(t, VMConfig{Name: "src", QEMU: q, MemMiB: 128, Disk: disk})
+	dst := StartVM(t, VMConfig{Name: "dst", QEMU: q, MemMiB: 128, Disk: disk, Incoming: uri})
+	if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
+		t.Fatal(err)
+	}
+	stdout, stderr, code, wall := runSidecar(t, 90*time.Second, "--qmp", src.SidecarQMP, "--to", uri, "--dst-qmp", dst.SidecarQMP,
+		"--downtime", "30ms", "--auto-converge", "--timeout", "60s", "--json")
+	if code != 0 {
+		t.Fatalf("exit %d after %v: %s", code, wall, stderr)
+	}
+	var maxThrottle int64
+	for _, e := range jsonEvents(t, stdout) {
+		maxThrottle = max(maxThrottle, e.ThrottlePercent)
+	}
+	t.Logf("converged in %v with the guest throttled up to %d%%", wall.Round(time.Millisecond), maxThrottle)
+	if maxThrottle == 0 {
+		t.Error("no throttling reported: the guest could not have converged in 30 ms otherwise")
+	}
+	if caps, err := src.QMP.QueryCapabilities(ctx); err != nil || caps["auto-converge"] {
+		t.Errorf("auto-converge left on on the source (%v)", err)
+	}
+	if err := dst.WaitMoreSerial(ctx, 'B', 3); err != nil {
+		t.Fatal(err)
+	}
+}

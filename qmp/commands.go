@@ -86,6 +86,7 @@ type MigrationInfo struct {
 	SetupTime        int64        `json:"setup-time"`        // ms
 	RAM              *RAMStats    `json:"ram"`
 	XBZRLE           *XBZRLEStats `json:"xbzrle-cache"`
+	CPUThrottle      int64        `json:"cpu-throttle-percentage"` // auto-converge's current throttle
 	ErrorDesc        string       `json:"error-desc"`
 }
 

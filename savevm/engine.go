@@ -21,6 +21,7 @@ import (
 type Control interface {
 	QueryMigrate(ctx context.Context) (qmp.MigrationInfo, error)
 	SetParameters(ctx context.Context, params map[string]any) error
+	SetCapabilities(ctx context.Context, caps map[string]bool) error
 	Stop(ctx context.Context) error
 }
 
@@ -71,9 +72,11 @@ type Event struct {
 	Rate      float64 `json:"rate"`
 	DirtyRate float64 `json:"dirty_rate"`
 	// Remaining / Rate: the downtime a switchover now would cost.
-	ExpectedDowntimeMs int64    `json:"expected_downtime_ms"`
-	Message            string   `json:"message,omitempty"`
-	Summary            *Summary `json:"summary,omitempty"`
+	ExpectedDowntimeMs int64 `json:"expected_downtime_ms"`
+	// ThrottlePercent is how much auto-converge is slowing the guest's vCPUs (--auto-converge).
+	ThrottlePercent int64    `json:"throttle_percent,omitempty"`
+	Message         string   `json:"message,omitempty"`
+	Summary         *Summary `json:"summary,omitempty"`
 }
 
 // Summary is what a finished relay reports.
@@ -156,7 +159,13 @@ func Hold(ctx context.Context, ctl Control, p Policy) error {
 	if bw == 0 {
 		bw = 1 << 40
 	}
-	return ctl.SetParameters(ctx, map[string]any{"max-bandwidth": bw, "downtime-limit": 1})
+	params := map[string]any{"max-bandwidth": bw, "downtime-limit": 1}
+	if p.AutoConverge {
+		if err := ctl.SetCapabilities(ctx, map[string]bool{"auto-converge": true}); err != nil {
+			return err
+		}
+	}
+	return ctl.SetParameters(ctx, params)
 }
 
 // Phase returns the relay's current phase.
@@ -338,6 +347,7 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 			ev.Remaining, ev.Total = info.RAM.Remaining, info.RAM.Total
 			ev.DirtyRate = float64(info.RAM.DirtyPagesRate) * 4096
 		}
+		ev.ThrottlePercent = info.CPUThrottle
 		if capacity > 0 {
 			o.expected = time.Duration(float64(o.remaining) / capacity * float64(time.Second))
 		}

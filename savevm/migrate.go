@@ -168,6 +168,21 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 	}
 	sctx, scancel := context.WithTimeout(context.Background(), o.ConnectTimeout)
 	defer scancel()
+	if o.Policy.AutoConverge {
+		caps, err := src.QueryCapabilities(sctx)
+		if err != nil {
+			return fail(ErrSource, "", err)
+		}
+		if !caps["auto-converge"] {
+			// Leave the capability as it was (it can change only once no migration runs: this
+			// runs after the recovery's cancel, or after completion).
+			defer func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				src.SetCapabilities(ctx, map[string]bool{"auto-converge": false})
+			}()
+		}
+	}
 	if err := Hold(sctx, src, o.Policy); err != nil {
 		return restore(err, ErrSource, "")
 	}

@@ -20,6 +20,10 @@ type Policy struct {
 	TimeoutAction TimeoutAction
 	// StallTimeout aborts when no byte has moved from the source for this long (default 30 s).
 	StallTimeout time.Duration
+	// AutoConverge lets QEMU throttle the guest's vCPUs, increasingly, while the guest dirties
+	// memory as fast as the link carries it away (QEMU's auto-converge: the bytes dirtied in a
+	// pass exceed throttle-trigger-threshold, 50% by default, of the bytes sent, twice in a row).
+	AutoConverge bool
 }
 
 // TimeoutAction is what the engine does when Policy.Timeout expires.

@@ -23,6 +23,7 @@ func migrateFlags() []cli.Flag {
 		&cli.DurationFlag{Name: "timeout", Usage: "limit on the live phase (0 = none)"},
 		&cli.StringFlag{Name: "timeout-action", Value: "abort", Usage: "at --timeout: abort (source keeps running) or pause (stop the guest to complete)"},
 		&cli.DurationFlag{Name: "stall-timeout", Value: 30 * time.Second, Usage: "abort when no data moves for this long"},
+		&cli.BoolFlag{Name: "auto-converge", Usage: "let QEMU throttle the guest's vCPUs, increasingly, while it dirties memory faster than the link carries it"},
 		&cli.BoolFlag{Name: "json", Usage: "write JSON-lines events to stdout (schema: README)"},
 		&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no progress display, only errors"},
 	}
@@ -49,6 +50,7 @@ func runMigrate(c *cli.Context) error {
 				Timeout:       c.Duration("timeout"),
 				TimeoutAction: savevm.TimeoutAction(c.String("timeout-action")),
 				StallTimeout:  c.Duration("stall-timeout"),
+				AutoConverge:  c.Bool("auto-converge"),
 			},
 			Events: ui.event,
 			Warn:   ui.warn,

@@ -49,8 +49,12 @@ func (p *progress) event(e savevm.Event) {
 			p.bar.ChangeMax64(e.Transferred + e.Remaining)
 		}
 		p.bar.Set64(e.Transferred)
-		p.bar.Describe(fmt.Sprintf("%-8s iter %d  rate %s/s  dirty %s/s  remaining %s  exp. downtime %dms",
-			e.Phase, e.Iteration, human(int64(e.Rate)), human(int64(e.DirtyRate)), human(e.Remaining), e.ExpectedDowntimeMs))
+		desc := fmt.Sprintf("%-8s iter %d  rate %s/s  dirty %s/s  remaining %s  exp. downtime %dms",
+			e.Phase, e.Iteration, human(int64(e.Rate)), human(int64(e.DirtyRate)), human(e.Remaining), e.ExpectedDowntimeMs)
+		if e.ThrottlePercent > 0 {
+			desc += fmt.Sprintf("  throttle %d%%", e.ThrottlePercent)
+		}
+		p.bar.Describe(desc)
 	case "policy":
 		p.bar.Describe(string(e.Phase) + ": " + e.Message)
 	}
