@@ -85,20 +85,31 @@ func jsonEvents(t *testing.T, out string) []savevm.Event {
 	return evs
 }
 
+// dirtyPair starts a source running the 128 MiB dirty guest (already passing) and a destination
+// waiting on the returned URI.
+func dirtyPair(ctx context.Context, t *testing.T, q QEMU) (src, dst *VM, uri string) {
+	t.Helper()
+	disk := GuestDirty()
+	port, err := FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	uri = fmt.Sprintf("tcp:127.0.0.1:%d", port)
+	src = StartVM(t, VMConfig{Name: "src", QEMU: q, MemMiB: 128, Disk: disk})
+	dst = StartVM(t, VMConfig{Name: "dst", QEMU: q, MemMiB: 128, Disk: disk, Incoming: uri})
+	if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
+		t.Fatal(err)
+	}
+	return src, dst, uri
+}
+
 // TestCLIMigrateJSON migrates with the binary as a hook script would (--json, not a TTY) and
 // checks the event stream, the exit code and the guest on the destination.
 func TestCLIMigrateJSON(t *testing.T) {
 	q := requireQEMU(t, "10.0")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	disk := GuestDirty()
-	port, _ := FreePort()
-	uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
-	src := StartVM(t, VMConfig{Name: "src", QEMU: q, MemMiB: 128, Disk: disk})
-	dst := StartVM(t, VMConfig{Name: "dst", QEMU: q, MemMiB: 128, Disk: disk, Incoming: uri})
-	if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
-		t.Fatal(err)
-	}
+	src, dst, uri := dirtyPair(ctx, t, q)
 	stdout, stderr, code, _ := runSidecar(t, time.Minute, "--qmp", src.SidecarQMP, "--to", uri, "--dst-qmp", dst.SidecarQMP, "--json")
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, stderr)
@@ -185,14 +196,7 @@ func TestPolicyTimeout(t *testing.T) {
 		t.Run(action, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			defer cancel()
-			disk := GuestDirty()
-			port, _ := FreePort()
-			uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
-			src := StartVM(t, VMConfig{Name: "src", QEMU: q, MemMiB: 128, Disk: disk})
-			dst := StartVM(t, VMConfig{Name: "dst", QEMU: q, MemMiB: 128, Disk: disk, Incoming: uri})
-			if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
-				t.Fatal(err)
-			}
+			src, dst, uri := dirtyPair(ctx, t, q)
 			_, stderr, code, wall := runSidecar(t, time.Minute, "--qmp", src.SidecarQMP, "--to", uri, "--dst-qmp", dst.SidecarQMP,
 				"--downtime", "1ms", "--timeout", "3s", "--timeout-action", action, "-q")
 			t.Logf("exit %d after %v: %s", code, wall.Round(time.Millisecond), strings.TrimSpace(stderr))
@@ -232,14 +236,7 @@ func TestPolicyAutoConverge(t *testing.T) {
 	q := requireQEMU(t, "7.2")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	disk := GuestDirty()
-	port, _ := FreePort()
-	uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
-	src := StartVM(t, VMConfig{Name: "src", QEMU: q, MemMiB: 128, Disk: disk})
-	dst := StartVM(t, VMConfig{Name: "dst", QEMU: q, MemMiB: 128, Disk: disk, Incoming: uri})
-	if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
-		t.Fatal(err)
-	}
+	src, dst, uri := dirtyPair(ctx, t, q)
 	stdout, stderr, code, wall := runSidecar(t, 90*time.Second, "--qmp", src.SidecarQMP, "--to", uri, "--dst-qmp", dst.SidecarQMP,
 		"--downtime", "30ms", "--auto-converge", "--timeout", "60s", "--json")
 	if code != 0 {
