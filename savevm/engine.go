@@ -160,12 +160,26 @@ func Hold(ctx context.Context, ctl Control, p Policy) error {
 		bw = 1 << 40
 	}
 	params := map[string]any{"max-bandwidth": bw, "downtime-limit": 1}
-	if p.AutoConverge {
-		if err := ctl.SetCapabilities(ctx, map[string]bool{"auto-converge": true}); err != nil {
-			return err
-		}
+	if err := ctl.SetCapabilities(ctx, holdCapabilities(p)); err != nil {
+		return err
 	}
 	return ctl.SetParameters(ctx, params)
+}
+
+// holdCapabilities are the source capabilities Hold turns on: events (MIGRATION_PASS lets the
+// policy decide right at QEMU's dirty sync instead of at its next poll), and auto-converge when
+// the policy asks for it.
+func holdCapabilities(p Policy) map[string]bool {
+	caps := map[string]bool{"events": true}
+	if p.AutoConverge {
+		caps["auto-converge"] = true
+	}
+	return caps
+}
+
+// passEvents is implemented by controls that deliver QMP events (*qmp.Client).
+type passEvents interface {
+	Subscribe() (<-chan qmp.Event, func())
 }
 
 // Phase returns the relay's current phase.
@@ -286,7 +300,13 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 		lastTick     = time.Now()
 		rate         float64
 		capacity     float64
+		passes       <-chan qmp.Event
 	)
+	if pe, ok := r.ctl.(passEvents); ok {
+		ch, unsubscribe := pe.Subscribe()
+		defer unsubscribe()
+		passes = ch
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -294,13 +314,22 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 		case <-pumpDone:
 			return nil
 		case <-t.C:
+		case e, ok := <-passes:
+			if !ok {
+				passes = nil
+				continue
+			}
+			if e.Name != "MIGRATION_PASS" {
+				continue
+			}
+			// QEMU just synced its dirty bitmap: decide now, not at the next tick.
 		}
 		now := time.Now()
 		in, out := r.bytesIn.Load(), r.bytesOut.Load()
 		if in != lastIn {
 			lastIn, lastProgress = in, now
 		}
-		if dt := now.Sub(lastTick).Seconds(); dt > 0 {
+		if dt := now.Sub(lastTick).Seconds(); dt >= r.opt.PollInterval.Seconds()/2 {
 			cur := float64(out-lastOut) / dt
 			if rate == 0 {
 				rate = cur
@@ -312,8 +341,8 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 			// switchover sends is full pages. The peak decays so a slower link shows within
 			// about a second.
 			capacity = max(capacity*0.97, rate)
+			lastOut, lastTick = out, now
 		}
-		lastOut, lastTick = out, now
 		if r.ctl == nil { // a replay (restore): no source to steer, only stalls to catch
 			if since := now.Sub(lastProgress); since >= p.StallTimeout {
 				return &PolicyError{Reason: fmt.Sprintf("stalled: no data moved for %v (--stall-timeout)", since.Round(time.Millisecond))}

@@ -168,20 +168,25 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 	}
 	sctx, scancel := context.WithTimeout(context.Background(), o.ConnectTimeout)
 	defer scancel()
-	if o.Policy.AutoConverge {
-		caps, err := src.QueryCapabilities(sctx)
-		if err != nil {
-			return fail(ErrSource, "", err)
+	// Hold turns capabilities on (events, and auto-converge when asked); leave them as they
+	// were. They can change only once no migration runs: this runs after the recovery's cancel,
+	// or after completion.
+	caps, err := src.QueryCapabilities(sctx)
+	if err != nil {
+		return fail(ErrSource, "", err)
+	}
+	off := map[string]bool{}
+	for name := range holdCapabilities(o.Policy) {
+		if !caps[name] {
+			off[name] = false
 		}
-		if !caps["auto-converge"] {
-			// Leave the capability as it was (it can change only once no migration runs: this
-			// runs after the recovery's cancel, or after completion).
-			defer func() {
-				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				defer cancel()
-				src.SetCapabilities(ctx, map[string]bool{"auto-converge": false})
-			}()
-		}
+	}
+	if len(off) > 0 {
+		defer func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			src.SetCapabilities(ctx, off)
+		}()
 	}
 	if err := Hold(sctx, src, o.Policy); err != nil {
 		return restore(err, ErrSource, "")
