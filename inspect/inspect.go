@@ -138,6 +138,7 @@ func Inspect(r io.Reader, opt Options) (*Report, error) {
 			rep.Warnings = append(rep.Warnings, fmt.Sprintf("offset %d: %s", off, msg))
 		}),
 		stream.WithDeviceSizer(stream.VMDescSizer()),
+		stream.WithIgnoreAfterEOF(), // a destination ignores what follows EOF: so does the report
 	}
 	if opt.Limits != nil {
 		opts = append(opts, stream.WithLimits(*opt.Limits))
@@ -155,7 +156,6 @@ func Inspect(r io.Reader, opt Options) (*Report, error) {
 		devIndex = -1
 		fulls    int
 		vmdesc   []byte
-		sawEOF   bool
 	)
 	decodeErr := func() error {
 		for {
@@ -163,15 +163,9 @@ func Inspect(r io.Reader, opt Options) (*Report, error) {
 			if err == io.EOF {
 				return nil
 			}
-			if err != nil && sawEOF {
-				// Only the vmdesc follows EOF; the destination ignores it (stream-format.md §5.1).
-				rep.Warnings = append(rep.Warnings, fmt.Sprintf("after EOF: %v (a destination ignores this)", err))
-				return nil
-			}
 			if err != nil {
 				return err
 			}
-			sawEOF = sawEOF || rec.Kind == stream.KindEOF && rec.Depth == 0
 			switch rec.Kind {
 			case stream.KindHeader:
 				rep.Version = rec.Version

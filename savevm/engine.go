@@ -447,6 +447,8 @@ func (r *Relay) pump() error {
 	opts := []stream.Option{
 		stream.WithWarnings(func(off int64, msg string) { r.warn(fmt.Sprintf("source stream at offset %d: %s", off, msg)) }),
 		stream.WithDeviceSizer(stream.VMDescSizer()),
+		// The destination ignores what follows EOF; a damaged vmdesc must not fail the migration.
+		stream.WithIgnoreAfterEOF(),
 	}
 	if r.opt.Limits != nil {
 		opts = append(opts, stream.WithLimits(*r.opt.Limits))
@@ -458,23 +460,13 @@ func (r *Relay) pump() error {
 	h := newHandlers(r, w)
 	var tailStart time.Time
 	var tailFrom int64
-	sawEOF := false
 	for {
 		rec, err := rd.Next()
 		if err == io.EOF {
 			break
 		}
-		if err != nil && sawEOF {
-			// Only the vmdesc follows EOF, and the destination ignores it (stream-format.md
-			// §5.1): a missing or damaged one is not worth failing the migration for.
-			r.warn(fmt.Sprintf("source stream after EOF: %v (ignored, as the destination does)", err))
-			break
-		}
 		if err != nil {
 			return fmt.Errorf("source stream: %w", err)
-		}
-		if rec.Kind == stream.KindEOF && rec.Depth == 0 {
-			sawEOF = true
 		}
 		switch rec.Kind {
 		case stream.KindSectionPart:

@@ -52,6 +52,8 @@ type Reader struct {
 
 	// Capabilities deciding optional MEM_SIZE fields.
 	forced         map[string]bool
+	ignoreAfterEOF bool // WithIgnoreAfterEOF
+	pastEOF        bool // the top-level EOF record was returned
 	xIgnoreShared  bool
 	mappedRAM      bool
 	postcopyRAM    bool
@@ -138,6 +140,12 @@ func WithMappedRAMData(fn func(off int64, data []byte)) Option {
 	return func(r *Reader) { r.region = fn }
 }
 
+// WithIgnoreAfterEOF makes the Reader treat what follows the top-level EOF record as a
+// destination does (stream-format.md §5.1): a missing, damaged or over-long vmdesc, or bytes
+// after it, give a warning (WithWarnings) and io.EOF instead of an error. The default is strict,
+// for verifying streams.
+func WithIgnoreAfterEOF() Option { return func(r *Reader) { r.ignoreAfterEOF = true } }
+
 // WithZeroCopy controls whether RAM Data and other payload slices alias the Reader's internal
 // buffer (true, the default: no copy) or are copied into a buffer reused across calls (false).
 // In both cases they are valid only until the next call to Next.
@@ -198,6 +206,10 @@ func (r *Reader) Next() (*Record, error) {
 		return nil, r.err
 	}
 	rec, err := r.next()
+	if err != nil && err != io.EOF && r.ignoreAfterEOF && r.pastEOF {
+		r.warnf(r.in.off(), "after EOF: %v (ignored, as a destination does)", err)
+		err = io.EOF
+	}
 	if err != nil {
 		r.err = err
 		return nil, err
@@ -444,6 +456,7 @@ func (r *Reader) readTop() (*Record, error) {
 	case SectionEOF:
 		in.skip(1)
 		r.state = stAfterEOF
+		r.pastEOF = r.pastEOF || in == &r.top
 		return r.newRecord(KindEOF, off), nil
 	case SectionStart, SectionFull:
 		if t == SectionFull && in == &r.top && in.rd != nil {
