@@ -52,9 +52,6 @@ func (t SectionType) String() string {
 	return "SectionType(0x" + strconv.FormatUint(uint64(t), 16) + ")"
 }
 
-// hasHeader reports whether t is START/PART/END/FULL, the types followed by a section id.
-func (t SectionType) hasHeader() bool { return t >= SectionStart && t <= SectionFull }
-
 // Command is the be16 command number of a QEMU_VM_COMMAND record (stream-format.md §3).
 type Command uint16
 

@@ -69,9 +69,6 @@ func (in *input) readErr() error {
 	return in.err
 }
 
-// atEnd reports whether the input is exhausted (cleanly or by a read error).
-func (in *input) atEnd() bool { return !in.ensure(1) }
-
 // readGrow returns the next n bytes in a fresh slice grown as data arrives (never allocating
 // far beyond what the input actually delivered), consuming them.
 func (in *input) readGrow(n int, dst []byte) ([]byte, bool) {

@@ -463,7 +463,6 @@ func (r *Reader) readTop() (*Record, error) {
 			if err := r.enterTail(); err != nil {
 				return nil, err
 			}
-			in = r.in
 		}
 		return r.readSectionHeader(t, off)
 	case SectionPart, SectionEnd:

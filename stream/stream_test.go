@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"io"
-	"regexp"
 	"strings"
 	"testing"
 
@@ -19,9 +18,6 @@ type realStream struct {
 	duplicate int64           // QMP ram.duplicate, -1 unknown
 	caps      map[string]bool // capabilities from the capture's .json
 }
-
-// channelFile matches multifd channel captures (NAME.chN.bin[.gz]), which are not main streams.
-var channelFile = regexp.MustCompile(`\.ch[0-9]+\.bin(\.gz)?$`)
 
 // realStreams returns every capture in testdata/streams with the QMP counters recorded beside it.
 func realStreams(t testing.TB) []realStream {
