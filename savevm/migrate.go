@@ -310,13 +310,7 @@ func recoverSource(src *qmp.Client, path, wasState string, params map[string]any
 	}
 	if !m.Finished() {
 		src.MigrateCancel(ctx)
-		for {
-			m, err := src.QueryMigrate(ctx)
-			if err != nil || m.Finished() || ctx.Err() != nil {
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+		src.WaitMigration(ctx, 20*time.Millisecond) // until cancelled (or, too late, completed)
 	}
 	if err := src.SetParameters(ctx, restore); err != nil {
 		return manual(err)
