@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"syscall"
 	"testing"
@@ -140,18 +139,15 @@ func median(rs []benchRun) benchRun {
 	if len(rs) == 0 {
 		return benchRun{}
 	}
-	pick := func(f func(benchRun) int64) int64 {
-		v := make([]int64, len(rs))
-		for i, r := range rs {
-			v[i] = f(r)
-		}
-		sort.Slice(v, func(i, j int) bool { return v[i] < v[j] })
-		return v[len(v)/2]
+	med := func(f func(benchRun) time.Duration) time.Duration {
+		v := sorted(rs, f)
+		return v[len(v)/2].Round(time.Millisecond)
 	}
+	rss := sorted(rs, func(r benchRun) int64 { return r.rssKiB })
 	return benchRun{
-		total:    time.Duration(pick(func(r benchRun) int64 { return int64(r.total) })).Round(time.Millisecond),
-		downtime: time.Duration(pick(func(r benchRun) int64 { return int64(r.downtime) })).Round(time.Millisecond),
-		cpu:      time.Duration(pick(func(r benchRun) int64 { return int64(r.cpu) })).Round(time.Millisecond),
-		rssKiB:   pick(func(r benchRun) int64 { return r.rssKiB }),
+		total:    med(func(r benchRun) time.Duration { return r.total }),
+		downtime: med(func(r benchRun) time.Duration { return r.downtime }),
+		cpu:      med(func(r benchRun) time.Duration { return r.cpu }),
+		rssKiB:   rss[len(rss)/2],
 	}
 }

@@ -41,23 +41,22 @@ func TestBenchBaseline(t *testing.T) {
 		"MB sent", "syncs", "wall", strings.Join(rows, "\n"))
 }
 
+// sorted returns f of every element of rs, in increasing order (for minimum and median).
+func sorted[R any, V int64 | time.Duration](rs []R, f func(R) V) []V {
+	v := make([]V, len(rs))
+	for i, r := range rs {
+		v[i] = f(r)
+	}
+	sort.Slice(v, func(i, j int) bool { return v[i] < v[j] })
+	return v
+}
+
 func benchRow(name string, rs []Result) string {
 	pick := func(f func(Result) time.Duration) string {
-		v := make([]time.Duration, len(rs))
-		for i, r := range rs {
-			v[i] = f(r)
-		}
-		sort.Slice(v, func(i, j int) bool { return v[i] < v[j] })
+		v := sorted(rs, f)
 		return fmt.Sprintf("%8v / %8v", v[0].Round(time.Millisecond), v[len(v)/2].Round(time.Millisecond))
 	}
-	med := func(f func(Result) int64) int64 {
-		v := make([]int64, len(rs))
-		for i, r := range rs {
-			v[i] = f(r)
-		}
-		sort.Slice(v, func(i, j int) bool { return v[i] < v[j] })
-		return v[len(v)/2]
-	}
+	med := func(f func(Result) int64) int64 { v := sorted(rs, f); return v[len(v)/2] }
 	return fmt.Sprintf("%-26s %19s %19s %19s %13d %10d %19s", name,
 		pick(func(r Result) time.Duration { return r.TotalTime }),
 		pick(func(r Result) time.Duration { return r.Downtime }),
