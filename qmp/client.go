@@ -200,7 +200,8 @@ func (c *Client) Execute(ctx context.Context, command string, args, out any) err
 func isTransport(err error) bool {
 	var netErr net.Error
 	var syntax *json.SyntaxError
-	return errors.As(err, &netErr) || errors.As(err, &syntax) || errors.Is(err, io.EOF) ||
+	var lv *transportError
+	return errors.As(err, &netErr) || errors.As(err, &syntax) || errors.As(err, &lv) || errors.Is(err, io.EOF) ||
 		errors.Is(err, net.ErrClosed)
 }
 
