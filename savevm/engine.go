@@ -58,7 +58,10 @@ const (
 
 // Event is one progress event; the JSON form is the `--json` schema (README "JSON events").
 type Event struct {
-	Type      string    `json:"type"` // "phase", "iteration", "progress", "policy", "warning", "summary"
+	// "phase", "iteration", "progress", "policy", "warning", "summary"; the CLI adds "preflight"
+	// (one per failed or warned check), "detached" (migrate --detach: PID and Log) and, last
+	// in a detached run's log, "exit" (ExitCode, Message the error).
+	Type      string    `json:"type"`
 	Time      time.Time `json:"time"`
 	Phase     Phase     `json:"phase,omitempty"`
 	Iteration int       `json:"iteration,omitempty"`
@@ -77,6 +80,9 @@ type Event struct {
 	ThrottlePercent int64    `json:"throttle_percent,omitempty"`
 	Message         string   `json:"message,omitempty"`
 	Summary         *Summary `json:"summary,omitempty"`
+	PID             int      `json:"pid,omitempty"`
+	Log             string   `json:"log,omitempty"`
+	ExitCode        *int     `json:"exit_code,omitempty"`
 }
 
 // Summary is what a finished relay reports.

@@ -18,10 +18,13 @@ import (
 
 // MigrateOptions describe one relay migration of a running VM (the CLI's flags).
 type MigrateOptions struct {
-	SourceQMP string        // unix socket of the source QEMU's QMP
-	To        transport.URI // where the destination QEMU listens (-incoming), or a file
-	DstQMP    string        // optional: the destination QEMU's QMP socket
-	Options                 // policy, events, warnings
+	Source qmp.Endpoint  // the source QEMU's monitor: QMP socket or libvirt domain
+	To     transport.URI // where the destination QEMU listens (-incoming), or a file
+	DstQMP string        // optional: the destination QEMU's QMP socket
+	// NoPreflight skips the pre-flight checks that run when DstQMP is given (the machine type
+	// is still compared).
+	NoPreflight bool
+	Options     // policy, events, warnings
 	// ConnectTimeout bounds every connection set-up (QMP handshakes, the destination, the
 	// source's connection to the private socket). Default 30 s.
 	ConnectTimeout time.Duration
@@ -75,7 +78,10 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 	if err := o.Policy.Validate(); err != nil {
 		return fail(ErrUsage, "", err)
 	}
-	unlock, err := lockSource(o.SourceQMP)
+	if err := o.Source.Validate(); err != nil {
+		return fail(ErrUsage, "", err)
+	}
+	unlock, err := lockSource(o.Source)
 	if err != nil {
 		return fail(ErrUsage, "", err)
 	}
@@ -83,7 +89,7 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 
 	cctx, cancel := context.WithTimeout(ctx, o.ConnectTimeout)
 	defer cancel()
-	src, err := qmp.DialUnix(cctx, o.SourceQMP)
+	src, err := o.Source.Dial(cctx)
 	if err != nil {
 		return fail(ErrSource, "", err)
 	}
@@ -164,7 +170,7 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 			class, cause = ErrCancelled, context.Cause(ctx)
 		}
 		return Summary{}, &MigrateError{Class: class, Phase: phase, Err: cause,
-			SourceState: recoverSource(src, o.SourceQMP, before.Status, params)}
+			SourceState: recoverSource(src, o.Source, before.Status, params)}
 	}
 	sctx, scancel := context.WithTimeout(context.Background(), o.ConnectTimeout)
 	defer scancel()
@@ -207,7 +213,7 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 		if class == ErrCancelled {
 			err = context.Cause(ctx)
 		}
-		state := recoverSource(src, o.SourceQMP, before.Status, params)
+		state := recoverSource(src, o.Source, before.Status, params)
 		if class == ErrDestination && dst != nil {
 			if why := destinationSays(dst); why != "" {
 				err = fmt.Errorf("%w; %s", err, why)
@@ -276,8 +282,8 @@ func classify(err error, ctx context.Context) error {
 // recoverSource cancels the source's migration and puts the VM back in the run state it had,
 // with the migration parameters it had; it returns the state it ended in. When the monitor
 // connection is gone (a call ran past its deadline, which closes it), it tries a fresh one on
-// path, briefly; a source whose QMP does not answer is reported with what is left to do.
-func recoverSource(src *qmp.Client, path, wasState string, params map[string]any) string {
+// the same endpoint, briefly; a source whose QMP does not answer is reported with what is left to do.
+func recoverSource(src *qmp.Client, ep qmp.Endpoint, wasState string, params map[string]any) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	restore := map[string]any{}
@@ -297,7 +303,7 @@ func recoverSource(src *qmp.Client, path, wasState string, params map[string]any
 	m, err := src.QueryMigrate(ctx)
 	if err != nil {
 		dctx, dcancel := context.WithTimeout(ctx, 3*time.Second)
-		c, derr := qmp.DialUnix(dctx, path)
+		c, derr := ep.Dial(dctx)
 		dcancel()
 		if derr != nil {
 			return manual(derr)
@@ -402,14 +408,19 @@ func acceptBefore(ctx context.Context, l net.Listener) (net.Conn, error) {
 	return l.Accept()
 }
 
-// lockSource takes an exclusive lock named after the source's QMP socket, so that a second
-// sidecar started against the same VM refuses at once instead of racing the first.
-func lockSource(qmpPath string) (func(), error) {
-	abs, err := filepath.Abs(qmpPath)
-	if err != nil {
-		return nil, err
+// lockSource takes an exclusive lock named after the source's monitor (QMP socket, or libvirt
+// URI and domain), so that a second sidecar started against the same VM refuses at once instead
+// of racing the first.
+func lockSource(ep qmp.Endpoint) (func(), error) {
+	key := "libvirt\x00" + ep.LibvirtURI + "\x00" + ep.Domain
+	if ep.Socket != "" {
+		abs, err := filepath.Abs(ep.Socket)
+		if err != nil {
+			return nil, err
+		}
+		key = abs
 	}
-	sum := sha256.Sum256([]byte(abs))
+	sum := sha256.Sum256([]byte(key))
 	path := filepath.Join(os.TempDir(), fmt.Sprintf("qemu-migrate-go-%x.lock", sum[:8]))
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
@@ -417,7 +428,7 @@ func lockSource(qmpPath string) (func(), error) {
 	}
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("another qemu-migrate-go is already migrating the VM of %s (lock %s)", qmpPath, path)
+		return nil, fmt.Errorf("another qemu-migrate-go is already migrating the VM of %s (lock %s)", ep, path)
 	}
 	return func() { f.Close() }, nil
 }

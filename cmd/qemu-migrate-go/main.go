@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -57,7 +58,15 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	err := app.RunContext(ctx, os.Args)
 	stop()
-	os.Exit(exitCode(err))
+	code := exitCode(err)
+	if isDetachedChild() {
+		ev := savevm.Event{Type: "exit", Time: time.Now(), ExitCode: &code}
+		if err != nil {
+			ev.Message = err.Error()
+		}
+		jsonOut(ev)
+	}
+	os.Exit(code)
 }
 
 // exitCode prints err as one line on stderr and maps it to the documented exit code.

@@ -8,13 +8,31 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
 	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
 	"github.com/qemu-migrate-go/qemu-migrate-go/transport"
 )
 
-func migrateFlags() []cli.Flag {
+// sourceFlags name the source QEMU's monitor: a QMP socket, or a libvirt domain.
+func sourceFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "qmp", Usage: "QMP unix socket of the source QEMU", EnvVars: []string{"QMG_QMP"}},
+		&cli.StringFlag{Name: "libvirt", Usage: "reach the source through libvirtd at this URI (qemu:///system, qemu+tcp://HOST/system, …) instead of --qmp", EnvVars: []string{"QMG_LIBVIRT"}},
+		&cli.StringFlag{Name: "domain", Usage: "with --libvirt: the libvirt domain to migrate"},
+	}
+}
+
+// sourceEndpoint reads sourceFlags.
+func sourceEndpoint(c *cli.Context) (qmp.Endpoint, error) {
+	ep := qmp.Endpoint{Socket: c.String("qmp"), LibvirtURI: c.String("libvirt"), Domain: c.String("domain")}
+	if err := ep.Validate(); err != nil {
+		return ep, &exitError{exitUsage, err}
+	}
+	return ep, nil
+}
+
+func migrateFlags() []cli.Flag {
+	return append(sourceFlags(),
 		&cli.StringFlag{Name: "to", Usage: "destination: tcp:HOST:PORT, unix:PATH, file:PATH or exec:COMMAND"},
 		&cli.StringFlag{Name: "dst-qmp", Usage: "QMP unix socket of the destination QEMU (optional: version, state and its own error on failure)"},
 		&cli.DurationFlag{Name: "downtime", Value: 300 * time.Millisecond, Usage: "longest guest stop the switchover may cause"},
@@ -26,22 +44,33 @@ func migrateFlags() []cli.Flag {
 		&cli.BoolFlag{Name: "auto-converge", Usage: "let QEMU throttle the guest's vCPUs, increasingly, while it dirties memory faster than the link carries it"},
 		&cli.BoolFlag{Name: "json", Usage: "write JSON-lines events to stdout (schema: README)"},
 		&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no progress display, only errors"},
-	}
+		&cli.BoolFlag{Name: "no-preflight", Usage: "with --dst-qmp: skip the pre-flight checks (preflight command) before sending"},
+		&cli.BoolFlag{Name: "detach", Usage: "run in the background, in its own session, logging JSON-lines events to --log; print the log path and PID and exit 0 at once (for hooks and scripts)"},
+		&cli.StringFlag{Name: "log", Usage: "with --detach: the log file (default: a new file in $TMPDIR)"},
+	)
 }
 
 func runMigrate(c *cli.Context) error {
-	if c.String("qmp") == "" || c.String("to") == "" {
-		return &exitError{exitUsage, fmt.Errorf("--qmp and --to are required (see --help)")}
+	src, err := sourceEndpoint(c)
+	if err != nil {
+		return err
+	}
+	if c.String("to") == "" {
+		return &exitError{exitUsage, fmt.Errorf("--to is required (see --help)")}
 	}
 	to, err := transport.Parse(c.String("to"))
 	if err != nil {
 		return &exitError{exitUsage, err}
 	}
+	if c.Bool("detach") && !isDetachedChild() {
+		return detach(c)
+	}
 	ui := newProgress(c.Bool("json"), c.Bool("quiet"))
 	opt := savevm.MigrateOptions{
-		SourceQMP: c.String("qmp"),
-		To:        to,
-		DstQMP:    c.String("dst-qmp"),
+		Source:      src,
+		To:          to,
+		DstQMP:      c.String("dst-qmp"),
+		NoPreflight: c.Bool("no-preflight"),
 		Options: savevm.Options{
 			Policy: savevm.Policy{
 				Downtime:      c.Duration("downtime"),
