@@ -80,7 +80,7 @@ func New(ctx context.Context, mon gqmp.Monitor) (*Client, error) {
 	case <-ctx.Done():
 		mon.Disconnect()
 		<-connected
-		return nil, fmt.Errorf("qmp: handshake: no greeting from QEMU: %w", ctx.Err())
+		return nil, fmt.Errorf("qmp: handshake: no answer from the monitor: %w", ctx.Err())
 	}
 	c := &Client{mon: mon, subs: map[int]chan Event{}, done: make(chan struct{})}
 	events, err := mon.Events(context.Background())

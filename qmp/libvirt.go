@@ -5,11 +5,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/digitalocean/go-libvirt"
+	"github.com/digitalocean/go-libvirt/socket"
+	"github.com/digitalocean/go-libvirt/socket/dialers"
 	gqmp "github.com/digitalocean/go-qemu/qmp"
 )
 
@@ -44,16 +48,26 @@ type libvirtMonitor struct {
 	uri    *url.URL
 	domain string
 
-	mu  sync.Mutex
-	l   *libvirt.Libvirt
-	dom libvirt.Domain
+	mu     sync.Mutex
+	dialer *cuttableDialer // set before the connection is made
+	l      *libvirt.Libvirt
+	dom    libvirt.Domain
 }
 
 // Connect opens the libvirt connection and finds the domain, which must be running or paused
-// (a shut-off domain has no QEMU).
+// (a shut-off domain has no QEMU). Disconnect, from another goroutine, cuts it short.
 func (m *libvirtMonitor) Connect() error {
-	l, err := libvirt.ConnectToURI(m.uri)
+	inner, err := dialerFor(m.uri)
 	if err != nil {
+		return fmt.Errorf("libvirt %s: %w", m.uri.Redacted(), err)
+	}
+	d := &cuttableDialer{inner: inner}
+	m.mu.Lock()
+	m.dialer = d
+	m.mu.Unlock()
+	l := libvirt.NewWithDialer(d)
+	if err := l.ConnectToURI(libvirt.RemoteURI(m.uri)); err != nil {
+		d.Close()
 		return fmt.Errorf("libvirt %s: %w", m.uri.Redacted(), err)
 	}
 	dom, err := l.DomainLookupByName(m.domain)
@@ -78,15 +92,99 @@ func (m *libvirtMonitor) Connect() error {
 	return nil
 }
 
-// Disconnect closes the libvirt connection; a monitor never connected has nothing to close.
+// Disconnect closes the libvirt connection, politely when libvirtd answers within a second, and
+// in any case by closing the socket: that also ends a Connect or Run still waiting for a reply.
 func (m *libvirtMonitor) Disconnect() error {
 	m.mu.Lock()
-	l := m.l
+	l, d := m.l, m.dialer
 	m.mu.Unlock()
-	if l == nil {
+	if d == nil {
 		return nil
 	}
-	return l.Disconnect()
+	var err error
+	if l != nil {
+		done := make(chan error, 1)
+		go func() { done <- l.Disconnect() }()
+		select {
+		case err = <-done:
+		case <-time.After(time.Second):
+			err = errors.New("libvirt: no answer to the close")
+		}
+	}
+	d.Close()
+	return err
+}
+
+// cuttableDialer remembers the connection go-libvirt's dialer made, so that Disconnect can
+// close it under a call that is still waiting: go-libvirt's calls have no deadline.
+type cuttableDialer struct {
+	inner socket.Dialer
+
+	mu     sync.Mutex
+	conn   net.Conn
+	closed bool
+}
+
+func (d *cuttableDialer) Dial() (net.Conn, error) {
+	c, err := d.inner.Dial()
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		c.Close()
+		return nil, ErrClosed
+	}
+	d.conn = c
+	return c, nil
+}
+
+// Close closes the connection, and any made later.
+func (d *cuttableDialer) Close() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.closed = true
+	if d.conn != nil {
+		d.conn.Close()
+	}
+}
+
+// dialerFor picks go-libvirt's dialer for the URI's transport, as libvirt's own client does:
+// "qemu:///…" and "qemu+unix" use the local socket (?socket= moves it), "qemu+tcp" and
+// "qemu+tls" (or a host without a transport) the network.
+func dialerFor(u *url.URL) (socket.Dialer, error) {
+	transport := "unix"
+	if parts := strings.SplitN(u.Scheme, "+", 2); len(parts) == 2 {
+		transport = parts[1]
+	} else if u.Host != "" {
+		transport = "tls"
+	}
+	q := u.Query()
+	switch transport {
+	case "unix":
+		var opts []dialers.LocalOption
+		if s := q.Get("socket"); s != "" {
+			opts = append(opts, dialers.WithSocket(s))
+		}
+		return dialers.NewLocal(opts...), nil
+	case "tcp":
+		var opts []dialers.RemoteOption
+		if p := u.Port(); p != "" {
+			opts = append(opts, dialers.UsePort(p))
+		}
+		return dialers.NewRemote(u.Hostname(), opts...), nil
+	case "tls":
+		var opts []dialers.TLSOption
+		if p := u.Port(); p != "" {
+			opts = append(opts, dialers.UseTLSPort(p))
+		}
+		if p := q.Get("pkipath"); p != "" {
+			opts = append(opts, dialers.UsePKIPath(p))
+		}
+		return dialers.NewTLS(u.Hostname(), opts...), nil
+	}
+	return nil, fmt.Errorf("transport %q is not supported: use the local socket (qemu:///system, qemu+unix), qemu+tcp or qemu+tls", transport)
 }
 
 // Run sends one QMP command through libvirtd and returns QEMU's reply; QEMU's error reply
