@@ -4,13 +4,15 @@ BIN       := bin/qemu-migrate-go
 # The whole suite (compat scenarios included) must stay well inside CI's budget on 2 cores.
 TEST_TIMEOUT ?= 40m
 
-.PHONY: all setup build test vet fmt-check demo bench testdata fuzz clean
+.PHONY: all setup build test vet fmt-check demo bench testdata fuzz clean install-hook
 
 all: build
 
-## setup: install QEMU 7.2 (apt-get) and QEMU 10.0 (bookworm-backports, unpacked into .cache/)
+## setup: install QEMU 7.2 (apt-get), QEMU 10.0 (bookworm-backports, unpacked into .cache/) and
+## libvirtd (apt-get; configured for this machine — the libvirt tests start and stop the daemon)
 setup:
 	@compat/install-qemu.sh
+	@compat/install-libvirt.sh
 
 build:
 	$(GO) build -o $(BIN) ./cmd/qemu-migrate-go
@@ -43,6 +45,16 @@ FUZZTIME ?= 1m
 fuzz:
 	@for t in $$($(GO) test -list 'Fuzz.*' ./stream/ | grep ^Fuzz); do \
 	  echo "== $$t"; $(GO) test ./stream/ -run x -fuzz "^$$t$$" -fuzztime $(FUZZTIME) || exit 1; done
+
+## install-hook: install the sidecar as libvirt's QEMU hook (/etc/libvirt/hooks/qemu.d/); libvirtd
+## reads new hook files when it starts
+HOOK_DIR ?= /etc/libvirt/hooks/qemu.d
+PREFIX   ?= /usr/local
+install-hook: build
+	install -D -m 0755 $(BIN) $(PREFIX)/bin/qemu-migrate-go
+	install -d $(HOOK_DIR)
+	ln -sf $(PREFIX)/bin/qemu-migrate-go $(HOOK_DIR)/qemu-migrate-go
+	@echo "installed $(HOOK_DIR)/qemu-migrate-go -> $(PREFIX)/bin/qemu-migrate-go; restart libvirtd to enable it"
 
 clean:
 	rm -rf bin

@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	xunix "golang.org/x/sys/unix"
+
 	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
 )
 
@@ -48,9 +50,17 @@ func sidecarBinary(t testing.TB) string {
 // runSidecar runs the CLI with a deadline and returns stdout, stderr, exit code and wall time.
 func runSidecar(t testing.TB, timeout time.Duration, args ...string) (string, string, int, time.Duration) {
 	t.Helper()
+	return runCmd(t, timeout, "", sidecarBinary(t), args...)
+}
+
+// runCmd runs argv0 (the CLI, or a link to it) with stdin and a deadline. Its stdout and stderr
+// are pipes that must reach EOF: a child left holding them shows up as a timeout.
+func runCmd(t testing.TB, timeout time.Duration, stdin, argv0 string, args ...string) (string, string, int, time.Duration) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, sidecarBinary(t), args...)
+	cmd := exec.CommandContext(ctx, argv0, args...)
+	cmd.Stdin = strings.NewReader(stdin)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	start := time.Now()
@@ -63,7 +73,7 @@ func runSidecar(t testing.TB, timeout time.Duration, args ...string) (string, st
 		t.Fatal(err)
 	}
 	if ctx.Err() != nil {
-		t.Fatalf("sidecar did not exit within %v; stderr: %s", timeout, stderr.String())
+		t.Fatalf("%s did not exit within %v; stderr: %s", filepath.Base(argv0), timeout, stderr.String())
 	}
 	return stdout.String(), stderr.String(), code, time.Since(start)
 }
@@ -258,6 +268,62 @@ func TestPolicyAutoConverge(t *testing.T) {
 	}
 	if caps, err := src.QMP.QueryCapabilities(ctx); err != nil || caps["auto-converge"] {
 		t.Errorf("auto-converge left on on the source (%v)", err)
+	}
+	if err := dst.WaitMoreSerial(ctx, 'B', 3); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestCLIDetach runs `migrate --detach` as a libvirt hook would: the command must return at
+// once with exit 0, naming the background process and its log; that process must run in its own
+// session without the caller's descriptors, and its log must end with the exit event of a
+// completed migration.
+func TestCLIDetach(t *testing.T) {
+	q := requireQEMU(t, "7.2")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	src, dst, uri := dirtyPair(ctx, t, q)
+	logPath := filepath.Join(t.TempDir(), "migrate.log")
+	stdout, stderr, code, took := runSidecar(t, 10*time.Second, "--qmp", src.SidecarQMP, "--to", uri,
+		"--dst-qmp", dst.SidecarQMP, "--detach", "--log", logPath, "--json")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	if took > 2*time.Second {
+		t.Errorf("--detach took %v to return", took)
+	}
+	evs := jsonEvents(t, stdout)
+	if len(evs) != 1 || evs[0].Type != "detached" || evs[0].PID == 0 || evs[0].Log != logPath {
+		t.Fatalf("stdout %q: want one detached event with the PID and %s", stdout, logPath)
+	}
+	pid := evs[0].PID
+	// runSidecar waited for the CLI's stdout and stderr to close: the child does not hold them.
+	if sid, err := xunix.Getsid(pid); err == nil && sid != pid {
+		t.Errorf("background process %d is in session %d, not its own", pid, sid)
+	}
+	var last savevm.Event
+	for {
+		b, _ := os.ReadFile(logPath)
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		if err := json.Unmarshal([]byte(lines[len(lines)-1]), &last); err == nil && last.Type == "exit" {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("the log never ended with an exit event: %s", b)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	if last.ExitCode == nil || *last.ExitCode != 0 {
+		b, _ := os.ReadFile(logPath)
+		t.Fatalf("background migration failed: %s", b)
+	}
+	b, _ := os.ReadFile(logPath)
+	if !strings.Contains(string(b), `"type":"summary"`) {
+		t.Errorf("log has no summary event: %s", b)
+	}
+	if _, err := src.WaitStatus(ctx, "postmigrate"); err != nil {
+		t.Fatal(err)
 	}
 	if err := dst.WaitMoreSerial(ctx, 'B', 3); err != nil {
 		t.Fatal(err)

@@ -379,12 +379,14 @@ func TestFault(t *testing.T) {
 		noDstQMP    bool   // run without --dst-qmp: nothing can be checked before sending
 		want        string // in the message
 	}{
-		// With --dst-qmp the machine types are compared before anything is sent: the source is
-		// untouched and the destination still waits.
-		{"machine/7.2", q72, "pc-q35-7.1", nil, true, false, "machine type \"pc-q35-7.1\" on the source, \"pc-q35-7.2\" on the destination"},
-		{"machine/10.0", q10, "pc-q35-7.2", nil, true, false, "machine type \"pc-q35-7.2\" on the source, \"pc-q35-10.0\" on the destination"},
+		// With --dst-qmp the pre-flight checks compare the two QEMUs before anything is sent: the
+		// source is untouched and the destination still waits.
+		{"machine/7.2", q72, "pc-q35-7.1", nil, true, false, "machine: source runs pc-q35-7.1, destination pc-q35-7.2"},
+		{"machine/10.0", q10, "pc-q35-7.2", nil, true, false, "machine: source runs pc-q35-7.2, destination pc-q35-10.0"},
+		{"device/7.2-preflight", q72, "", []string{"-device", "i6300esb"}, true, false, "devices: missing on destination: i6300esb"},
 		// Without it the destination rejects the configuration section and drops the connection.
 		{"machine/10.0-no-dst-qmp", q10, "pc-q35-7.2", nil, true, true, "destination"},
+		// --no-preflight: the destination rejects the stream itself.
 		{"device/7.2", q72, "", []string{"-device", "i6300esb"}, true, false, "destination QEMU has exited"},
 		{"device/10.0-exit-on-error-false", q10, "", []string{"-device", "i6300esb"}, false, false, "the destination QEMU failed to load it: load of migration failed"},
 	}
@@ -410,9 +412,12 @@ func TestFault(t *testing.T) {
 			if !c.noDstQMP {
 				args = append(args, "--dst-qmp", dst.SidecarQMP)
 			}
+			precheck := (strings.HasPrefix(c.name, "machine/") || strings.HasSuffix(c.name, "-preflight")) && !c.noDstQMP
+			if strings.HasPrefix(c.name, "device/") && !precheck {
+				args = append(args, "--no-preflight")
+			}
 			p := startSidecar(t, nil, args...)
 			code, wall, stderr := p.wait(t, 45*time.Second)
-			precheck := strings.HasPrefix(c.name, "machine/") && !c.noDstQMP
 			var msg string
 			if precheck {
 				msg = oneLine(t, stderr, "destination", c.want, "untouched")

@@ -125,9 +125,15 @@ func checkMigrated(t testing.TB, srcQ, dstQ QEMU, accel string, g guestCase, mig
 // verifyAgainstSource dumps both RAMs and compares them, then runs the guest's own check.
 func verifyAgainstSource(ctx context.Context, t testing.TB, src, dst *VM, g guestCase) {
 	t.Helper()
+	verifyDumps(ctx, t, src.DumpRAM, dst, g)
+}
+
+// verifyDumps is verifyAgainstSource for any source that dumpSrc can dump (a libvirt domain).
+func verifyDumps(ctx context.Context, t testing.TB, dumpSrc func(context.Context, string) (int64, error), dst *VM, g guestCase) {
+	t.Helper()
 	dir := t.TempDir()
 	srcPath, dstPath := filepath.Join(dir, "src.ram"), filepath.Join(dir, "dst.ram")
-	size, err := src.DumpRAM(ctx, srcPath)
+	size, err := dumpSrc(ctx, srcPath)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/qemu-migrate-go/qemu-migrate-go/preflight"
 	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
 	"github.com/qemu-migrate-go/qemu-migrate-go/transport"
 )
@@ -127,7 +128,11 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 			return fail(ErrDestination, "", err)
 		}
 		o.DstSeries = fmt.Sprintf("%d.%d", v.QEMU.Major, v.QEMU.Minor)
-		if err := sameMachine(cctx, src, dst); err != nil {
+		if o.NoPreflight {
+			if err := sameMachine(cctx, src, dst); err != nil {
+				return fail(ErrDestination, "", err)
+			}
+		} else if err := runPreflight(cctx, src, dst, o.Options); err != nil {
 			return fail(ErrDestination, "", err)
 		}
 	}
@@ -262,6 +267,28 @@ func sameMachine(ctx context.Context, src, dst *qmp.Client) error {
 		return fmt.Errorf("machine type %q on the source, %q on the destination: the destination would reject the stream; start both with the same versioned type (e.g. -machine %s)", sm, dm, sm)
 	}
 	return nil
+}
+
+// runPreflight compares the two QEMUs (the preflight command's checks) before anything is
+// sent: errors stop the migration with the source untouched, warnings are passed on.
+func runPreflight(ctx context.Context, src, dst *qmp.Client, o Options) error {
+	sf, err := preflight.Gather(ctx, src)
+	if err != nil {
+		return fmt.Errorf("preflight: reading the source: %w", err)
+	}
+	df, err := preflight.Gather(ctx, dst)
+	if err != nil {
+		return fmt.Errorf("preflight: reading the destination: %w", err)
+	}
+	rep := preflight.Compare(sf, df)
+	if o.Warn != nil {
+		for _, c := range rep.Checks {
+			if c.Severity == preflight.SeverityWarning {
+				o.Warn("preflight: " + c.Name + ": " + c.Message)
+			}
+		}
+	}
+	return rep.Err()
 }
 
 // classify tells whose fault a relay error is.

@@ -14,6 +14,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/qemu-migrate-go/qemu-migrate-go/hook"
 	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
 )
 
@@ -38,13 +39,25 @@ type exitError struct {
 func (e *exitError) Error() string { return e.err.Error() }
 func (e *exitError) Unwrap() error { return e.err }
 
+// errSilent is an exitError's error that has already been reported.
+var errSilent = errors.New("")
+
 func main() {
+	if invokedAsHook(os.Args[0]) {
+		ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+		code := hook.Run(ctx, os.Args[1:], os.Stdin, os.Stderr)
+		cancel()
+		os.Exit(code)
+	}
 	app := &cli.App{
 		Name:  "qemu-migrate-go",
 		Usage: "live-migrate a running QEMU VM to a QEMU started with -incoming, through the sidecar's own engine",
 		UsageText: "qemu-migrate-go --qmp SOCK --to tcp:HOST:PORT [options]\n" +
 			"qemu-migrate-go inspect [--json] FILE|-\n" +
-			"qemu-migrate-go restore --from FILE --to tcp:HOST:PORT",
+			"qemu-migrate-go restore --from FILE --to tcp:HOST:PORT\n" +
+			"qemu-migrate-go --libvirt qemu:///system --domain NAME --to tcp:HOST:PORT [options]\n" +
+			"qemu-migrate-go preflight (--qmp SOCK | --libvirt URI --domain NAME) (--dst-qmp SOCK | --dst-xml FILE) [--json]\n" +
+			"qemu-migrate-go hook DOMAIN OPERATION SUB-OPERATION EXTRA < domain.xml",
 		Flags:           migrateFlags(),
 		Action:          runMigrate,
 		HideHelpCommand: true,
@@ -52,6 +65,8 @@ func main() {
 			{Name: "migrate", Usage: "migrate a running VM (the default command)", Flags: migrateFlags(), Action: runMigrate},
 			inspectCommand(),
 			restoreCommand(),
+			preflightCommand(),
+			hookCommand(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {},
 	}
@@ -74,8 +89,11 @@ func exitCode(err error) int {
 	if err == nil {
 		return exitOK
 	}
-	fmt.Fprintln(os.Stderr, "qemu-migrate-go:", err)
 	var ee *exitError
+	if errors.As(err, &ee) && ee.err == errSilent {
+		return ee.code
+	}
+	fmt.Fprintln(os.Stderr, "qemu-migrate-go:", err)
 	if errors.As(err, &ee) {
 		return ee.code
 	}

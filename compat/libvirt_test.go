@@ -1,0 +1,156 @@
+package compat
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
+)
+
+// TestLibvirtMigration migrates a libvirt-managed domain (the dirty guest, started by a real
+// libvirtd) with `--libvirt qemu:///system --domain NAME` to a stock QEMU -incoming, and checks
+// the guest's memory against the source's and that it runs on the destination. It also records
+// what libvirt shows of the domain before and after (README, "libvirt").
+func TestLibvirtMigration(t *testing.T) {
+	for _, series := range []string{"7.2", "10.0"} {
+		t.Run("7.2-to-"+series, func(t *testing.T) {
+			dstQ := requireQEMU(t, series)
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+			defer cancel()
+			d := StartDomain(t, DomainConfig{Disk: GuestDirty()})
+			if err := d.WaitMoreSerial(ctx, 'B', 3); err != nil {
+				t.Fatal(err)
+			}
+			before, err := d.State(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			port, err := FreePort()
+			if err != nil {
+				t.Fatal(err)
+			}
+			uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
+			dst := StartVM(t, d.Destination(dstQ, uri))
+
+			stdout, stderr, code, _ := runSidecar(t, 2*time.Minute, "--libvirt", LibvirtURI, "--domain", d.Name,
+				"--to", uri, "--dst-qmp", dst.SidecarQMP, "--json")
+			if code != 0 {
+				t.Fatalf("exit %d: %s", code, stderr)
+			}
+			evs := jsonEvents(t, stdout)
+			if len(evs) == 0 || evs[len(evs)-1].Type != "summary" {
+				t.Fatalf("no summary event: %s", stdout)
+			}
+			after, err := d.State(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("libvirt shows the source domain %q before, %q after", before, after)
+			if !strings.HasPrefix(before, "running") || !strings.HasPrefix(after, "paused") {
+				t.Errorf("libvirt state before %q, after %q; want running, then paused", before, after)
+			}
+			if log, _ := os.ReadFile("/var/log/libvirt/qemu/" + d.Name + ".log"); !strings.Contains(string(log), "custom-monitor") {
+				t.Errorf("libvirt's domain log does not record the custom-monitor taint")
+			}
+
+			// The source, paused in postmigrate, through libvirt; the destination, paused (-S).
+			src, err := qmp.DialLibvirt(ctx, LibvirtURI, d.Name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer src.Close()
+			if st, err := src.QueryStatus(ctx); err != nil || st.Status != "postmigrate" {
+				t.Fatalf("source QEMU status %q (%v), want postmigrate", st.Status, err)
+			}
+			if _, err := dst.WaitStatus(ctx, "paused"); err != nil {
+				t.Fatal(err)
+			}
+			size := int64(d.Config.MemMiB) << 20
+			verifyDumps(ctx, t, func(ctx context.Context, path string) (int64, error) {
+				return size, src.PMemSave(ctx, 0, size, path)
+			}, dst, guestCases(d.Config.MemMiB, 0)[0])
+			if err := dst.QMP.Cont(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if err := dst.WaitMoreSerial(ctx, 'B', 3); err != nil {
+				t.Fatalf("guest does not run on the destination: %v", err)
+			}
+		})
+	}
+}
+
+// TestLibvirtHook runs the hook on real domain XML from `virsh dumpxml`: the incoming side of a
+// migration of a domain this host can run goes on silently; an unsupported machine type or a
+// missing emulator stops it with one line; other operations always go on. It runs both as the
+// `hook` subcommand and installed as a file in /etc/libvirt/hooks/qemu.d/ (a link, here in a
+// temporary folder), and finishes in a few seconds each time.
+func TestLibvirtHook(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	d := StartDomain(t, DomainConfig{Disk: GuestDirty()})
+	good, err := d.DumpXML(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(good, "machine='pc-q35-7.2'") {
+		t.Fatalf("dumpxml has no pc-q35-7.2 machine: %s", good)
+	}
+	badMachine := strings.Replace(good, "machine='pc-q35-7.2'", "machine='pc-q35-99.0'", 1)
+	badEmulator := strings.Replace(good, "<emulator>/usr/bin/qemu-system-x86_64</emulator>",
+		"<emulator>/usr/bin/qemu-system-x86_64-not-installed</emulator>", 1)
+	if badEmulator == good {
+		t.Fatalf("dumpxml has no /usr/bin/qemu-system-x86_64 emulator: %s", good)
+	}
+	bin := sidecarBinary(t)
+	linkDir := filepath.Join(t.TempDir(), "qemu.d")
+	if err := os.Mkdir(linkDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(linkDir, "qemu-migrate-go")
+	if err := os.Symlink(bin, link); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name, xml, op, sub string
+		code               int
+		stderr             string // a part of the one stderr line ("" = silent)
+	}{
+		{"good", good, "migrate", "begin", 0, ""},
+		{"bad-machine", badMachine, "migrate", "begin", 4, "pc-q35-99.0"},
+		{"bad-emulator", badEmulator, "migrate", "begin", 4, "qemu-system-x86_64-not-installed"},
+		{"other-operation", badMachine, "prepare", "begin", 0, ""},
+		{"migrate-end", badMachine, "release", "end", 0, ""},
+	}
+	for _, c := range cases {
+		for _, form := range []string{"subcommand", "installed"} {
+			t.Run(c.name+"/"+form, func(t *testing.T) {
+				argv0, args := bin, []string{"hook", d.Name, c.op, c.sub, "-"}
+				if form == "installed" {
+					argv0, args = link, args[1:]
+				}
+				stdout, stderr, code, took := runCmd(t, 20*time.Second, c.xml, argv0, args...)
+				if code != c.code {
+					t.Errorf("exit %d, want %d; stderr %q", code, c.code, stderr)
+				}
+				if stdout != "" {
+					t.Errorf("stdout %q: a hook that prints on migrate begin replaces the domain XML", stdout)
+				}
+				switch {
+				case c.stderr == "" && stderr != "":
+					t.Errorf("stderr %q, want nothing", stderr)
+				case c.stderr != "" && (!strings.Contains(stderr, c.stderr) || strings.Count(strings.TrimSpace(stderr), "\n") != 0):
+					t.Errorf("stderr %q, want one line naming %q", stderr, c.stderr)
+				}
+				if took > 3*time.Second {
+					t.Errorf("took %v; libvirt waits for its hooks", took)
+				}
+				t.Logf("exit %d in %v: %s", code, took.Round(time.Millisecond), strings.TrimSpace(stderr))
+			})
+		}
+	}
+}
