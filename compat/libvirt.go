@@ -157,6 +157,9 @@ type DomainConfig struct {
 	MemMiB   int    // default 128
 	Disk     []byte // boot sector image (GuestDirty)
 	Emulator string // default /usr/bin/qemu-system-x86_64 (Debian's QEMU 7.2)
+	// ExtraQMP adds a QMP socket of the suite's own (<qemu:commandline>; libvirt then also
+	// taints the domain custom-argv): the benchmark compares --qmp with --libvirt on one domain.
+	ExtraQMP bool
 }
 
 // Domain is a running transient libvirt domain.
@@ -166,6 +169,7 @@ type Domain struct {
 	Dir        string // disk image and serial log
 	DiskPath   string
 	SerialPath string
+	QMPPath    string // the ExtraQMP socket, if any
 	XML        string // the XML it was created from
 }
 
@@ -192,6 +196,9 @@ func StartDomain(t testing.TB, cfg DomainConfig) *Domain {
 	dir := t.TempDir()
 	d := &Domain{Name: name, Config: cfg, Dir: dir, DiskPath: filepath.Join(dir, "disk.img"),
 		SerialPath: filepath.Join(dir, "serial.log")}
+	if cfg.ExtraQMP {
+		d.QMPPath = filepath.Join(dir, "qmp.sock")
+	}
 	if err := os.WriteFile(d.DiskPath, cfg.Disk, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -216,7 +223,15 @@ func StartDomain(t testing.TB, cfg DomainConfig) *Domain {
 
 // domainXML is the domain: what an operator would write for the dirty guest.
 func (d *Domain) domainXML() string {
-	return fmt.Sprintf(`<domain type='qemu'>
+	extra := ""
+	if d.QMPPath != "" {
+		extra = fmt.Sprintf(`
+  <qemu:commandline>
+    <qemu:arg value='-qmp'/>
+    <qemu:arg value='unix:%s,server=on,wait=off'/>
+  </qemu:commandline>`, d.QMPPath)
+	}
+	return fmt.Sprintf(`<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>%s</name>
   <memory unit='MiB'>%d</memory>
   <vcpu>1</vcpu>
@@ -235,9 +250,9 @@ func (d *Domain) domainXML() string {
     <serial type='file'><source path='%s'/><target port='0'/></serial>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
-  </devices>
+  </devices>%s
 </domain>
-`, d.Name, d.Config.MemMiB, d.Config.Machine, d.Config.Emulator, d.DiskPath, d.SerialPath)
+`, d.Name, d.Config.MemMiB, d.Config.Machine, d.Config.Emulator, d.DiskPath, d.SerialPath, extra)
 }
 
 // Serial returns the guest's COM1 output so far.

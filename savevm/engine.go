@@ -58,9 +58,9 @@ const (
 
 // Event is one progress event; the JSON form is the `--json` schema (README "JSON events").
 type Event struct {
-	// "phase", "iteration", "progress", "policy", "warning", "summary"; the CLI adds "preflight"
-	// (one per failed or warned check), "detached" (migrate --detach: PID and Log) and, last
-	// in a detached run's log, "exit" (ExitCode, Message the error).
+	// "phase", "iteration", "progress", "policy", "warning", "summary"; the CLI adds "detached"
+	// (migrate --detach: PID and Log) and, last in a detached run's log, "exit" (ExitCode,
+	// Message the error).
 	Type      string    `json:"type"`
 	Time      time.Time `json:"time"`
 	Phase     Phase     `json:"phase,omitempty"`
