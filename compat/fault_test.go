@@ -25,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
 	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
 )
 
@@ -220,7 +221,13 @@ func faultPair(t *testing.T, ctx context.Context, q QEMU) (src, dst *VM, uri str
 // migrationParams returns the parameters the sidecar changes and must restore.
 func migrationParams(t *testing.T, ctx context.Context, vm *VM) string {
 	t.Helper()
-	p, err := vm.QMP.QueryParameters(ctx)
+	return paramsOf(t, ctx, vm.QMP)
+}
+
+// paramsOf is migrationParams for any monitor (a libvirt domain's).
+func paramsOf(t *testing.T, ctx context.Context, c *qmp.Client) string {
+	t.Helper()
+	p, err := c.QueryParameters(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -68,7 +68,7 @@ func startLibvirtd() error {
 		}
 	}
 	if libvirtAnswers() {
-		cleanLeftovers()
+		cleanLeftovers(false)
 		return nil
 	}
 	log, err := os.CreateTemp("", "qmg-libvirtd-*.log")
@@ -100,7 +100,7 @@ func startLibvirtd() error {
 			return errors.New("libvirtd did not answer within 30 s")
 		}
 	}
-	cleanLeftovers()
+	cleanLeftovers(false)
 	return nil
 }
 
@@ -111,24 +111,62 @@ func libvirtAnswers() bool {
 	return err == nil
 }
 
-// cleanLeftovers destroys the suite's domains that a killed earlier run left behind.
-func cleanLeftovers() {
+// cleanLeftovers destroys the suite's domains that a killed earlier run left behind, and their
+// logs; with all, this run's domains too (at the end).
+func cleanLeftovers(all bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	out, err := Virsh(ctx, "list", "--all", "--name")
-	if err != nil {
-		return
+	ours := fmt.Sprintf("%s%d-", libvirtDomainPrefix, os.Getpid())
+	stale := func(name string) bool {
+		return strings.HasPrefix(name, libvirtDomainPrefix) && (all || !strings.HasPrefix(name, ours))
 	}
-	for _, name := range strings.Fields(out) {
-		if strings.HasPrefix(name, libvirtDomainPrefix) {
-			Virsh(ctx, "destroy", name)
-			Virsh(ctx, "undefine", name)
+	if out, err := Virsh(ctx, "list", "--all", "--name"); err == nil {
+		for _, name := range strings.Fields(out) {
+			if stale(name) {
+				Virsh(ctx, "destroy", name)
+				Virsh(ctx, "undefine", name)
+			}
 		}
 	}
 	logs, _ := filepath.Glob("/var/log/libvirt/qemu/" + libvirtDomainPrefix + "*.log")
 	for _, l := range logs {
-		os.Remove(l)
+		if stale(strings.TrimSuffix(filepath.Base(l), ".log")) {
+			os.Remove(l)
+		}
 	}
+}
+
+// KillLibvirtd kills the running libvirtd with SIGKILL, as a crash would (its QEMUs keep
+// running), and returns once it is gone. RestartLibvirtd brings one back.
+func KillLibvirtd() error {
+	if libvirtd.started {
+		libvirtd.started = false
+		libvirtd.cmd.Process.Kill()
+		<-libvirtd.exited
+		libvirtd.log.Close()
+		os.Remove(libvirtd.log.Name())
+		return nil
+	}
+	out, err := exec.Command("pgrep", "-x", "libvirtd").Output()
+	if err != nil {
+		return fmt.Errorf("no libvirtd to kill: %v", err)
+	}
+	for _, pid := range strings.Fields(string(out)) {
+		exec.Command("kill", "-KILL", pid).Run()
+	}
+	for deadline := time.Now().Add(10 * time.Second); exec.Command("pgrep", "-x", "libvirtd").Run() == nil; {
+		if time.Now().After(deadline) {
+			return errors.New("libvirtd still running 10 s after SIGKILL")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return nil
+}
+
+// RestartLibvirtd starts a libvirtd after KillLibvirtd (stopped by StopLibvirtd at the end); it
+// reconnects to the QEMUs of the running domains, as after a service restart.
+func RestartLibvirtd() error {
+	return startLibvirtd()
 }
 
 // StopLibvirtd stops the libvirtd that RequireLibvirt started, if it started one (TestMain
@@ -138,7 +176,7 @@ func StopLibvirtd() {
 		return
 	}
 	libvirtd.started = false
-	cleanLeftovers()
+	cleanLeftovers(true)
 	libvirtd.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-libvirtd.exited:
@@ -170,6 +208,7 @@ type Domain struct {
 	DiskPath   string
 	SerialPath string
 	QMPPath    string // the ExtraQMP socket, if any
+	UUID       string // the UUID libvirt gave it
 	XML        string // the XML it was created from
 }
 
@@ -212,6 +251,11 @@ func StartDomain(t testing.TB, cfg DomainConfig) *Domain {
 	if _, err := Virsh(ctx, "create", xmlPath); err != nil {
 		t.Fatal(err)
 	}
+	uuid, err := Virsh(ctx, "domuuid", name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.UUID = strings.TrimSpace(uuid)
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
@@ -287,12 +331,12 @@ func (d *Domain) DumpXML(ctx context.Context) (string, error) {
 
 // Destination returns the stock QEMU command line that can receive this domain's migration:
 // the devices libvirt 9.0 creates for it (two pcie-root-ports, the virtio disk on the first,
-// isa-serial), the same CPU model and machine type. The disk is shared, as it would be on shared
+// isa-serial), the same CPU model, machine type and UUID. The disk is shared, as it would be on shared
 // storage.
 func (d *Domain) Destination(q QEMU, incoming string) VMConfig {
 	return VMConfig{
 		Name: "dst", QEMU: q, Machine: d.Config.Machine, MemMiB: d.Config.MemMiB,
-		Incoming: incoming, Paused: true,
+		Incoming: incoming, Paused: true, UUID: d.UUID,
 		Extra: []string{
 			"-cpu", "qemu64", "-smp", "1,sockets=1,cores=1,threads=1",
 			"-rtc", "base=utc", "-no-shutdown", "-boot", "strict=on",

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
+	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
 )
 
 // TestLibvirtMigration migrates a libvirt-managed domain (the dirty guest, started by a real
@@ -45,6 +46,11 @@ func TestLibvirtMigration(t *testing.T) {
 			evs := jsonEvents(t, stdout)
 			if len(evs) == 0 || evs[len(evs)-1].Type != "summary" {
 				t.Fatalf("no summary event: %s", stdout)
+			}
+			for _, e := range evs {
+				if e.Type == "warning" && strings.Contains(e.Message, "preflight") {
+					t.Errorf("the destination built for the domain differs from it: %s", e.Message)
+				}
 			}
 			after, err := d.State(ctx)
 			if err != nil {
@@ -152,5 +158,78 @@ func TestLibvirtHook(t *testing.T) {
 				t.Logf("exit %d in %v: %s", code, took.Round(time.Millisecond), strings.TrimSpace(stderr))
 			})
 		}
+	}
+}
+
+// TestLibvirtFault kills libvirtd (SIGKILL, as a crash) in the middle of the iterate phase of a
+// --libvirt migration, and starts it again half a second later, as its service manager would.
+// The sidecar loses its only way to the source: it must give up promptly with one line, reach
+// the source again through the restarted libvirtd, cancel the migration, put the parameters
+// back and leave the guest running — libvirt then shows it running.
+func TestLibvirtFault(t *testing.T) {
+	q := requireQEMU(t, "7.2")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	// 1 GiB: the first pass takes long enough for the kill to land in it.
+	d := StartDomain(t, DomainConfig{MemMiB: 1024, Disk: GuestDirty()})
+	if err := d.WaitMoreSerial(ctx, 'B', 3); err != nil {
+		t.Fatal(err)
+	}
+	port, err := FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
+	dst := StartVM(t, d.Destination(q, uri))
+	c, err := qmp.DialLibvirt(ctx, LibvirtURI, d.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	params := paramsOf(t, ctx, c)
+	c.Close()
+
+	restarted := make(chan error, 1)
+	p := startSidecar(t, atPhase(savevm.PhaseIterate, func(*sidecarProc) {
+		if err := KillLibvirtd(); err != nil {
+			restarted <- err
+			return
+		}
+		go func() {
+			time.Sleep(500 * time.Millisecond)
+			restarted <- RestartLibvirtd()
+		}()
+	}), "--libvirt", LibvirtURI, "--domain", d.Name, "--to", uri, "--dst-qmp", dst.SidecarQMP, "--json")
+	code, wall, stderr := p.wait(t, time.Minute)
+	if err := <-restarted; err != nil {
+		t.Fatalf("libvirtd: %v", err)
+	}
+	msg := oneLine(t, stderr, "source", "iterate phase", "source VM is running")
+	if code != 3 {
+		t.Errorf("exit %d, want 3", code)
+	}
+	if wall > 15*time.Second {
+		t.Errorf("took %v after the kill to exit", wall)
+	}
+	t.Logf("exit %d, %v after the kill: %s", code, wall.Round(time.Millisecond), msg)
+
+	c, err = qmp.DialLibvirt(ctx, LibvirtURI, d.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if st, err := c.QueryStatus(ctx); err != nil || st.Status != "running" {
+		t.Errorf("source QEMU %q %v, want running", st.Status, err)
+	}
+	if m, err := c.QueryMigrate(ctx); err != nil || !m.Finished() {
+		t.Errorf("source migration %q %v, want finished (cancelled)", m.Status, err)
+	}
+	if now := paramsOf(t, ctx, c); now != params {
+		t.Errorf("parameters %s, had %s", now, params)
+	}
+	if err := d.WaitMoreSerial(ctx, 'B', 2); err != nil {
+		t.Errorf("the guest does not run: %v", err)
+	}
+	if st, err := d.State(ctx); err != nil || !strings.HasPrefix(st, "running") {
+		t.Errorf("libvirt shows %q (%v), want running", st, err)
 	}
 }

@@ -329,9 +329,7 @@ func recoverSource(src *qmp.Client, ep qmp.Endpoint, wasState string, params map
 	}
 	m, err := src.QueryMigrate(ctx)
 	if err != nil {
-		dctx, dcancel := context.WithTimeout(ctx, 3*time.Second)
-		c, derr := ep.Dial(dctx)
-		dcancel()
+		c, derr := redial(ctx, ep)
 		if derr != nil {
 			return manual(derr)
 		}
@@ -364,6 +362,31 @@ func recoverSource(src *qmp.Client, ep qmp.Endpoint, wasState string, params map
 		}
 	}
 	return st.Status
+}
+
+// redial opens a fresh monitor connection for the recovery. A QMP socket gets one try of 3 s:
+// a QEMU that does not answer its socket is not coming back. libvirtd is a daemon that its
+// service manager restarts (upgrades do it too), so a libvirt endpoint is retried for 20 s.
+func redial(ctx context.Context, ep qmp.Endpoint) (*qmp.Client, error) {
+	limit := 3 * time.Second
+	if ep.Socket == "" {
+		limit = 20 * time.Second
+	}
+	rctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	for {
+		dctx, dcancel := context.WithTimeout(rctx, 3*time.Second)
+		c, err := ep.Dial(dctx)
+		dcancel()
+		if err == nil || ep.Socket != "" {
+			return c, err
+		}
+		select {
+		case <-rctx.Done():
+			return nil, err
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
 }
 
 // waitDestination waits until the destination has loaded the stream and runs (or stays paused,
