@@ -128,6 +128,12 @@ func cleanLeftovers(all bool) {
 			}
 		}
 	}
+	hooks, _ := filepath.Glob("/etc/libvirt/hooks/qemu.d/" + libvirtDomainPrefix + "*")
+	for _, h := range hooks {
+		if stale(filepath.Base(h) + "-") {
+			os.Remove(h)
+		}
+	}
 	logs, _ := filepath.Glob("/var/log/libvirt/qemu/" + libvirtDomainPrefix + "*.log")
 	for _, l := range logs {
 		if stale(strings.TrimSuffix(filepath.Base(l), ".log")) {
@@ -136,30 +142,21 @@ func cleanLeftovers(all bool) {
 	}
 }
 
-// KillLibvirtd kills the running libvirtd with SIGKILL, as a crash would (its QEMUs keep
-// running), and returns once it is gone. RestartLibvirtd brings one back.
+// OwnLibvirtd reports whether the libvirtd in use is the one the suite started: only that one
+// may be killed or restarted (a host's own daemon manages VMs that are not the suite's).
+func OwnLibvirtd() bool { return libvirtd.started }
+
+// KillLibvirtd kills the libvirtd the suite started with SIGKILL, as a crash would (its QEMUs
+// keep running), and returns once it is gone. RestartLibvirtd brings one back.
 func KillLibvirtd() error {
-	if libvirtd.started {
-		libvirtd.started = false
-		libvirtd.cmd.Process.Kill()
-		<-libvirtd.exited
-		libvirtd.log.Close()
-		os.Remove(libvirtd.log.Name())
-		return nil
+	if !libvirtd.started {
+		return errors.New("the running libvirtd was not started by the suite")
 	}
-	out, err := exec.Command("pgrep", "-x", "libvirtd").Output()
-	if err != nil {
-		return fmt.Errorf("no libvirtd to kill: %v", err)
-	}
-	for _, pid := range strings.Fields(string(out)) {
-		exec.Command("kill", "-KILL", pid).Run()
-	}
-	for deadline := time.Now().Add(10 * time.Second); exec.Command("pgrep", "-x", "libvirtd").Run() == nil; {
-		if time.Now().After(deadline) {
-			return errors.New("libvirtd still running 10 s after SIGKILL")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	libvirtd.started = false
+	libvirtd.cmd.Process.Kill()
+	<-libvirtd.exited
+	libvirtd.log.Close()
+	os.Remove(libvirtd.log.Name())
 	return nil
 }
 

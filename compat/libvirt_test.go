@@ -168,6 +168,7 @@ func TestLibvirtHook(t *testing.T) {
 // back and leave the guest running — libvirt then shows it running.
 func TestLibvirtFault(t *testing.T) {
 	q := requireQEMU(t, "7.2")
+	requireOwnLibvirtd(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	// 1 GiB: the first pass takes long enough for the kill to land in it.
@@ -232,4 +233,68 @@ func TestLibvirtFault(t *testing.T) {
 	if st, err := d.State(ctx); err != nil || !strings.HasPrefix(st, "running") {
 		t.Errorf("libvirt shows %q (%v), want running", st, err)
 	}
+}
+
+// requireOwnLibvirtd skips, saying why, when the host's own libvirtd runs: a test that kills or
+// restarts the daemon must not do it to VMs that are not the suite's. In CI the suite starts it.
+func requireOwnLibvirtd(t *testing.T) {
+	t.Helper()
+	RequireLibvirt(t)
+	if !OwnLibvirtd() {
+		t.Skip("a libvirtd the suite did not start is running: stop it to run this test (it restarts the daemon)")
+	}
+}
+
+// TestLibvirtHookInstalled installs the sidecar as a hook in /etc/libvirt/hooks/qemu.d/ (through
+// a script that records its arguments and execs it, as the README's example does), restarts the
+// suite's libvirtd so it takes it, and starts and destroys a domain: libvirt calls the hook for
+// each step, and the domain starts and stops as without it. (The incoming `migrate begin` call
+// needs a second libvirt host; TestLibvirtHook gives the hook that call's real XML.)
+func TestLibvirtHookInstalled(t *testing.T) {
+	requireOwnLibvirtd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const dir = "/etc/libvirt/hooks/qemu.d"
+	if _, err := os.Stat(dir); os.IsNotExist(err) {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.Remove(dir) })
+	}
+	calls := filepath.Join(t.TempDir(), "calls.log")
+	script := filepath.Join(dir, fmt.Sprintf("qmg-test-%d", os.Getpid()))
+	// A copy left behind by a killed run must not fail libvirt's operations: without the test's
+	// binary it lets them go on (and cleanLeftovers removes it).
+	bin := sidecarBinary(t)
+	body := fmt.Sprintf("#!/bin/sh\n[ -x %s ] || { cat >/dev/null; exit 0; }\necho \"$*\" >> %s\nexec %s hook \"$@\"\n", bin, calls, bin)
+	if err := os.WriteFile(script, []byte(body), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	restart := func() {
+		if err := KillLibvirtd(); err != nil {
+			t.Fatal(err)
+		}
+		if err := RestartLibvirtd(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		os.Remove(script)
+		restart() // without the hook
+	})
+	restart()
+	d := StartDomain(t, DomainConfig{Disk: GuestDirty()})
+	if err := d.WaitMoreSerial(ctx, 'B', 2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Virsh(ctx, "destroy", d.Name); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(calls)
+	for _, want := range []string{"prepare begin", "start begin", "started begin", "stopped end", "release end"} {
+		if !strings.Contains(string(b), d.Name+" "+want+" -") {
+			t.Errorf("libvirt did not call the hook for %q; calls:\n%s", want, b)
+		}
+	}
+	t.Logf("hook calls:\n%s", b)
 }
