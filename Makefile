@@ -40,11 +40,12 @@ bench: setup
 testdata: setup
 	$(GO) run ./compat/cmd/mktestdata -out testdata/streams
 
-## fuzz: run each fuzz target for FUZZTIME (default 1m)
+## fuzz: run each fuzz target of every package for FUZZTIME (default 1m)
 FUZZTIME ?= 1m
 fuzz:
-	@for t in $$($(GO) test -list 'Fuzz.*' ./stream/ | grep ^Fuzz); do \
-	  echo "== $$t"; $(GO) test ./stream/ -run x -fuzz "^$$t$$" -fuzztime $(FUZZTIME) || exit 1; done
+	@for pkg in $$(grep -l '^func Fuzz' $$(git ls-files '*_test.go') | xargs -n1 dirname | sort -u); do \
+	  for t in $$($(GO) test -list 'Fuzz.*' ./$$pkg/ | grep ^Fuzz); do \
+	    echo "== $$pkg $$t"; $(GO) test ./$$pkg/ -run x -fuzz "^$$t$$" -fuzztime $(FUZZTIME) || exit 1; done; done
 
 ## install-hook: install the sidecar as libvirt's QEMU hook (/etc/libvirt/hooks/qemu.d/); libvirtd
 ## reads new hook files when it starts

@@ -292,6 +292,7 @@ func TestCLIDetach(t *testing.T) {
 	if took > 2*time.Second {
 		t.Errorf("--detach took %v to return", took)
 	}
+	t.Logf("--detach returned in %v", took.Round(time.Millisecond))
 	evs := jsonEvents(t, stdout)
 	if len(evs) != 1 || evs[0].Type != "detached" || evs[0].PID == 0 || evs[0].Log != logPath {
 		t.Fatalf("stdout %q: want one detached event with the PID and %s", stdout, logPath)

@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
+
 	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
 	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
 )
@@ -297,4 +299,34 @@ func TestLibvirtHookInstalled(t *testing.T) {
 		}
 	}
 	t.Logf("hook calls:\n%s", b)
+}
+
+// TestLibvirtClientLeaks opens a libvirt monitor, runs commands, listens to events and closes
+// it: nothing of it (go-libvirt's reader, the event stream, the client's pump) may outlive it.
+func TestLibvirtClientLeaks(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	d := StartDomain(t, DomainConfig{Disk: GuestDirty()})
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	for i := 0; i < 3; i++ {
+		c, err := qmp.DialLibvirt(ctx, LibvirtURI, d.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		events, unsubscribe := c.Subscribe()
+		if err := c.SetCapabilities(ctx, map[string]bool{"events": true}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.QueryMigrate(ctx); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-events:
+		default:
+		}
+		unsubscribe()
+		if err := c.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	}
 }

@@ -3,6 +3,7 @@ package qmp
 import (
 	"context"
 	"net"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -85,4 +86,24 @@ func TestDialLibvirtSilentDaemon(t *testing.T) {
 		t.Fatalf("err %v after %v", err, time.Since(start))
 	}
 	t.Logf("%v after %v", err, time.Since(start).Round(time.Millisecond))
+}
+
+// The local socket each URI form reaches, as libvirt's own client chooses it.
+func TestLocalSocket(t *testing.T) {
+	t.Setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+	for uri, want := range map[string]string{
+		"qemu:///system":                       "",
+		"qemu+unix:///system":                  "",
+		"qemu+unix:///system?socket=/tmp/x.sk": "/tmp/x.sk",
+		"qemu:///session":                      "/run/user/1000/libvirt/libvirt-sock",
+		"qemu:///session?socket=/tmp/y":        "/tmp/y",
+	} {
+		u, err := url.Parse(uri)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := localSocket(u); got != want {
+			t.Errorf("%s: %q, want %q", uri, got, want)
+		}
+	}
 }

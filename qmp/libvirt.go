@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -150,6 +152,25 @@ func (d *cuttableDialer) Close() {
 	}
 }
 
+// localSocket is the libvirtd socket of a local URI: ?socket= when given, the user's own
+// daemon for a session URI (as libvirt's client finds it), else "" for go-libvirt's default,
+// the system daemon's /var/run/libvirt/libvirt-sock.
+func localSocket(u *url.URL) string {
+	if s := u.Query().Get("socket"); s != "" {
+		return s
+	}
+	if u.Path != "/session" {
+		return ""
+	}
+	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
+		return filepath.Join(d, "libvirt", "libvirt-sock")
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".cache", "libvirt", "libvirt-sock")
+	}
+	return ""
+}
+
 // dialerFor picks go-libvirt's dialer for the URI's transport, as libvirt's own client does:
 // "qemu:///…" and "qemu+unix" use the local socket (?socket= moves it), "qemu+tcp" and
 // "qemu+tls" (or a host without a transport) the network.
@@ -164,7 +185,7 @@ func dialerFor(u *url.URL) (socket.Dialer, error) {
 	switch transport {
 	case "unix":
 		var opts []dialers.LocalOption
-		if s := q.Get("socket"); s != "" {
+		if s := localSocket(u); s != "" {
 			opts = append(opts, dialers.WithSocket(s))
 		}
 		return dialers.NewLocal(opts...), nil
