@@ -22,7 +22,7 @@ type Emulator struct {
 	Version string `json:"version"` // "10.0.2"
 	Major   int    `json:"major"`
 	Minor   int    `json:"minor"`
-	// Machines are the names -machine accepts: every type and every alias.
+	// Machines are the names -machine accepts: every type and every alias, sorted.
 	Machines []string `json:"machines"`
 	// Aliases maps an alias to the type it stands for ("q35" → "pc-q35-10.0").
 	Aliases map[string]string `json:"aliases,omitempty"`
@@ -38,10 +38,9 @@ func (e *Emulator) Knows(m string) (exact string, ok bool) {
 	if t, ok := e.Aliases[m]; ok {
 		return t, true
 	}
-	for _, n := range e.Machines {
-		if n == m {
-			return m, true
-		}
+	// Machines is sorted (setMachines): a -machine help of 1 MiB lists tens of thousands.
+	if i := sort.SearchStrings(e.Machines, m); i < len(e.Machines) && e.Machines[i] == m {
+		return m, true
 	}
 	return "", false
 }
