@@ -34,7 +34,7 @@ func benchLibvirtMigrate(t *testing.T, mode string, q QEMU, mem int) benchRun {
 	}
 	defer src.Close()
 	var run benchRun
-	start := time.Now()
+	var start time.Time
 	switch mode {
 	case "direct":
 		if err := src.SetParameters(ctx, map[string]any{"max-bandwidth": Unlimited, "downtime-limit": 300}); err != nil {

@@ -19,28 +19,6 @@ const (
 
 func (s Severity) String() string { return string(s) }
 
-func (s Severity) rank() int {
-	switch s {
-	case SeverityOK:
-		return 0
-	case SeverityInfo:
-		return 1
-	case SeverityWarning:
-		return 2
-	case SeverityError:
-		return 3
-	}
-	return 3
-}
-
-// worst returns the more severe of a and b.
-func worst(a, b Severity) Severity {
-	if b.rank() > a.rank() {
-		return b
-	}
-	return a
-}
-
 // Check is one finding. Name is a stable id: "machine", "version", "ramblocks", "devices",
 // "capabilities", "uuid", "memory-backends", "status", "emulator", "machine-supported",
 // "memory-backing", "memory-size", "accelerator".
