@@ -207,8 +207,16 @@ func TestPolicyTimeout(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			defer cancel()
 			src, dst, uri := dirtyPair(ctx, t, q)
-			_, stderr, code, wall := runSidecar(t, time.Minute, "--qmp", src.SidecarQMP, "--to", uri, "--dst-qmp", dst.SidecarQMP,
-				"--downtime", "1ms", "--timeout", "3s", "--timeout-action", action, "-q")
+			args := []string{"--qmp", src.SidecarQMP, "--to", uri, "--dst-qmp", dst.SidecarQMP,
+				"--downtime", "1ms", "--timeout", "3s", "--timeout-action", action, "-q"}
+			if action == "abort" {
+				// A guest starved of CPU on a busy machine may dirty almost nothing between two
+				// syncs, and 1 ms can then be met. At 2 MB/s the first pass over 128 MiB alone
+				// outlasts the timeout, so nothing but --timeout can end this migration. (The
+				// pause case must stay uncapped: the paused guest's RAM still has to go.)
+				args = append(args, "--bandwidth", "2000000")
+			}
+			_, stderr, code, wall := runSidecar(t, time.Minute, args...)
 			t.Logf("exit %d after %v: %s", code, wall.Round(time.Millisecond), strings.TrimSpace(stderr))
 			switch action {
 			case "abort":
