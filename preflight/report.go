@@ -30,7 +30,8 @@ type Check struct {
 	Destination string   `json:"destination,omitempty"`
 }
 
-// Report is the result of a preflight: what was compared and every check.
+// Report is the result of a preflight: what was compared and every check. Its JSON form is the
+// stable `preflight --json` schema (schema.json beside this file).
 type Report struct {
 	Source      string  `json:"source"`
 	Destination string  `json:"destination"`
