@@ -59,22 +59,13 @@ func benchLibvirtMigrate(t *testing.T, mode string, q QEMU, mem int) benchRun {
 		}
 		run.cpu = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
 	}
-	if _, err := dst.WaitStatus(ctx, "running"); err != nil {
-		t.Fatal(err)
-	}
-	run.total = time.Since(start)
-	m, err := src.WaitMigration(ctx, 10*time.Millisecond)
-	if err != nil || m.Status != "completed" {
-		t.Fatalf("source: %+v %v", m, err)
-	}
-	run.downtime = time.Duration(m.Downtime) * time.Millisecond
-	return run
+	return finishBenchRun(t, ctx, src, dst, start, run)
 }
 
 // TestBenchLibvirt prints the libvirt benchmark (QMG_BENCH=1, make bench): a libvirt domain
 // migrated by QEMU itself, by the sidecar on a QMP socket and by the sidecar through libvirtd,
 // interleaved, medians of QMG_BENCH_RUNS (5); then the latency of preflight (socket and
-// libvirt), of the hook on migrate begin and of migrate --detach returning.
+// libvirt) and of the hook (migrate begin, and any other operation).
 func TestBenchLibvirt(t *testing.T) {
 	if os.Getenv("QMG_BENCH") == "" {
 		t.Skip("set QMG_BENCH=1 (make bench) to run the libvirt benchmark")

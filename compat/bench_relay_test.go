@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
 )
 
 // benchRun is one measured migration of the relay benchmark.
@@ -86,11 +88,18 @@ func benchMigrate(t *testing.T, mode string, q QEMU, g guestCase) benchRun {
 		run.cpu = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 		run.rssKiB = ru.Maxrss
 	}
+	return finishBenchRun(t, ctx, src.QMP, dst, start, run)
+}
+
+// finishBenchRun waits until the destination runs (the end of total, counted from start) and
+// takes the source QEMU's downtime figure.
+func finishBenchRun(t *testing.T, ctx context.Context, src *qmp.Client, dst *VM, start time.Time, run benchRun) benchRun {
+	t.Helper()
 	if _, err := dst.WaitStatus(ctx, "running"); err != nil {
 		t.Fatal(err)
 	}
 	run.total = time.Since(start)
-	m, err := src.QMP.WaitMigration(ctx, 10*time.Millisecond)
+	m, err := src.WaitMigration(ctx, 10*time.Millisecond)
 	if err != nil || m.Status != "completed" {
 		t.Fatalf("source: %+v %v", m, err)
 	}
