@@ -31,8 +31,8 @@ const (
 // Timeout bounds a whole invocation: libvirt is waiting.
 const Timeout = 5 * time.Second
 
-// MaxXML caps the domain XML read from stdin.
-const MaxXML = 4 << 20
+// MaxXML caps the domain XML read from stdin: what preflight accepts.
+const MaxXML = preflight.MaxDomainXML
 
 // Run handles one invocation: args are libvirt's (DOMAIN OPERATION SUB-OPERATION EXTRA), stdin
 // carries the domain XML, problems go to stderr as one line. Only `migrate begin` — the

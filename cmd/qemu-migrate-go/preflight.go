@@ -88,7 +88,7 @@ func runPreflight(c *cli.Context) error {
 	return nil
 }
 
-// readXML reads a domain XML file (or stdin for "-"), bounded like the hook's.
+// readXML reads a domain XML file (or stdin for "-"), at most preflight.MaxDomainXML bytes.
 func readXML(path string) ([]byte, error) {
 	f := os.Stdin
 	if path != "-" {
@@ -98,12 +98,12 @@ func readXML(path string) ([]byte, error) {
 		}
 		defer f.Close()
 	}
-	b, err := io.ReadAll(io.LimitReader(f, 4<<20+1))
+	b, err := io.ReadAll(io.LimitReader(f, preflight.MaxDomainXML+1))
 	if err != nil {
 		return nil, err
 	}
-	if len(b) > 4<<20 {
-		return nil, fmt.Errorf("%s: larger than 4 MiB", path)
+	if len(b) > preflight.MaxDomainXML {
+		return nil, fmt.Errorf("%s: larger than %d bytes", path, preflight.MaxDomainXML)
 	}
 	return b, nil
 }
