@@ -46,8 +46,8 @@ func TestLibvirtMigration(t *testing.T) {
 				t.Fatalf("exit %d: %s", code, stderr)
 			}
 			evs := jsonEvents(t, stdout)
-			if len(evs) == 0 || evs[len(evs)-1].Type != "summary" {
-				t.Fatalf("no summary event: %s", stdout)
+			if len(evs) < 2 || evs[len(evs)-2].Type != "summary" || evs[len(evs)-1].Type != "exit" {
+				t.Fatalf("the events do not end with summary, exit: %s", stdout)
 			}
 			for _, e := range evs {
 				if e.Type == "warning" && strings.Contains(e.Message, "preflight") {

@@ -56,15 +56,24 @@ const (
 	PhaseDone     Phase = "done"     // the destination has the complete stream
 )
 
+// EventSchema is the version of the JSON events format (README "JSON events",
+// savevm/events.schema.json); every event carries it. 1 was the format before the field existed;
+// 2 added schema, side, decision, downtime_budget_ms and the page counters.
+const EventSchema = 2
+
 // Event is one progress event; the JSON form is the `--json` schema (README "JSON events").
 type Event struct {
 	// "phase", "iteration", "progress", "policy", "warning", "summary"; the CLI adds "detached"
-	// (migrate --detach: PID and Log) and, last in a detached run's log, "exit" (ExitCode,
-	// Message the error).
-	Type      string    `json:"type"`
-	Time      time.Time `json:"time"`
-	Phase     Phase     `json:"phase,omitempty"`
-	Iteration int       `json:"iteration,omitempty"`
+	// (migrate --detach: PID and Log) and, last in every --json run, "exit" (ExitCode, Message
+	// the error).
+	Type   string    `json:"type"`
+	Schema int       `json:"schema"`
+	Time   time.Time `json:"time"`
+	// Side is which end wrote the event: "source" (migrate, the relay or the sending end of a
+	// link) or "receiver" (receive); "" in events of schema 1.
+	Side      string `json:"side,omitempty"`
+	Phase     Phase  `json:"phase,omitempty"`
+	Iteration int    `json:"iteration,omitempty"`
 	// Bytes written to the destination so far.
 	Transferred int64 `json:"transferred"`
 	// RAM still dirty on the source (QEMU's estimate), bytes.
@@ -76,13 +85,25 @@ type Event struct {
 	DirtyRate float64 `json:"dirty_rate"`
 	// Remaining / Rate: the downtime a switchover now would cost.
 	ExpectedDowntimeMs int64 `json:"expected_downtime_ms"`
+	// DowntimeBudgetMs is the policy's --downtime (in the first "phase" event and in "policy"
+	// events).
+	DowntimeBudgetMs int64 `json:"downtime_budget_ms,omitempty"`
 	// ThrottlePercent is how much auto-converge is slowing the guest's vCPUs (--auto-converge).
-	ThrottlePercent int64    `json:"throttle_percent,omitempty"`
-	Message         string   `json:"message,omitempty"`
-	Summary         *Summary `json:"summary,omitempty"`
-	PID             int      `json:"pid,omitempty"`
-	Log             string   `json:"log,omitempty"`
-	ExitCode        *int     `json:"exit_code,omitempty"`
+	ThrottlePercent int64 `json:"throttle_percent,omitempty"`
+	// NormalPages and ZeroPages count the page records the engine has passed on so far (in
+	// "progress", "iteration" and "phase" events); the difference between two "iteration"
+	// events is what one pass sent.
+	NormalPages int64 `json:"normal_pages,omitempty"`
+	ZeroPages   int64 `json:"zero_pages,omitempty"`
+	// Decision names a "policy" event's decision: "release" (the expected downtime fits),
+	// "force" (--max-iterations), "pause" (--timeout-action pause), "abort" (--timeout with
+	// abort, or a stall).
+	Decision string   `json:"decision,omitempty"`
+	Message  string   `json:"message,omitempty"`
+	Summary  *Summary `json:"summary,omitempty"`
+	PID      int      `json:"pid,omitempty"`
+	Log      string   `json:"log,omitempty"`
+	ExitCode *int     `json:"exit_code,omitempty"`
 }
 
 // Summary is what a finished relay reports.
@@ -131,6 +152,9 @@ type Relay struct {
 	bytesIn  atomic.Int64
 	bytesOut atomic.Int64
 	phase    atomic.Value // Phase
+	// Page records passed on so far, for progress events (the ram handler counts them).
+	normalPages atomic.Int64
+	zeroPages   atomic.Int64
 
 	mu          sync.Mutex
 	sum         Summary
@@ -196,7 +220,7 @@ func (r *Relay) setPhase(p Phase) {
 		return
 	}
 	r.phase.Store(p)
-	r.emit(Event{Type: "phase", Time: time.Now(), Phase: p, Transferred: r.bytesOut.Load()})
+	r.emit(r.pages(Event{Type: "phase", Time: time.Now(), Phase: p, Transferred: r.bytesOut.Load()}))
 }
 
 // Run relays until the destination has the complete stream (nil), or fails: a *stream.Error for
@@ -206,7 +230,7 @@ func (r *Relay) Run(ctx context.Context) (Summary, error) {
 	start := time.Now()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	r.emit(Event{Type: "phase", Time: start, Phase: PhaseSetup})
+	r.emit(Event{Type: "phase", Time: start, Phase: PhaseSetup, DowntimeBudgetMs: r.opt.Policy.Downtime.Milliseconds()})
 
 	pumpErr := make(chan error, 1)
 	go func() { pumpErr <- r.pump() }()
@@ -282,6 +306,12 @@ func (r *Relay) Run(ctx context.Context) (Summary, error) {
 	}
 	r.setPhase(PhaseDone)
 	return sum, nil
+}
+
+// pages fills e's page counters.
+func (r *Relay) pages(e Event) Event {
+	e.NormalPages, e.ZeroPages = r.normalPages.Load(), r.zeroPages.Load()
+	return e
 }
 
 // EmitSummary sends the final "summary" event of a finished migration to opt.Events.
@@ -375,7 +405,7 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 			continue // still setting up: QEMU's counters are not meaningful yet
 		}
 		o := observation{elapsed: now.Sub(start), sinceProgress: now.Sub(lastProgress), rate: capacity}
-		ev := Event{Type: "progress", Time: now, Phase: r.Phase(), Transferred: out, Rate: rate}
+		ev := r.pages(Event{Type: "progress", Time: now, Phase: r.Phase(), Transferred: out, Rate: rate})
 		if info.RAM != nil {
 			o.remaining = info.RAM.Remaining
 			o.iteration = int(info.RAM.DirtySyncCount)
@@ -404,9 +434,12 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 		d, why := p.decide(o)
 		switch d {
 		case abortNow:
+			r.emit(Event{Type: "policy", Time: now, Phase: r.Phase(), Decision: d.String(), Message: why,
+				DowntimeBudgetMs: p.Downtime.Milliseconds(), ExpectedDowntimeMs: ev.ExpectedDowntimeMs})
 			return &PolicyError{Reason: why}
 		case release, force, pauseVM:
-			r.emit(Event{Type: "policy", Time: now, Phase: r.Phase(), Message: why})
+			r.emit(Event{Type: "policy", Time: now, Phase: r.Phase(), Decision: d.String(), Message: why,
+				DowntimeBudgetMs: p.Downtime.Milliseconds(), ExpectedDowntimeMs: ev.ExpectedDowntimeMs})
 			if d == pauseVM {
 				qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 				err := r.ctl.Stop(qctx)

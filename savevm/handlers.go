@@ -147,8 +147,10 @@ func (m *ramRelay) record(rec *stream.Record) error {
 	switch r.Flags &^ stream.RAMContinue {
 	case stream.RAMPage:
 		m.counts.normal++
+		m.h.r.normalPages.Add(1)
 	case stream.RAMZero:
 		m.counts.zero++
+		m.h.r.zeroPages.Add(1)
 		if r.Fill != 0 {
 			// 10.0 rejects a non-zero fill (stream-format.md §4): send the same content as a page.
 			for i := range m.page {

@@ -78,6 +78,11 @@ const (
 	abortNow                 // timeout with action abort, or a stall
 )
 
+var decisionNames = [...]string{hold: "hold", release: "release", force: "force", pauseVM: "pause", abortNow: "abort"}
+
+// String is the decision's name in "policy" events (Event.Decision).
+func (d decision) String() string { return decisionNames[d] }
+
 // decide applies the policy to one observation.
 func (p Policy) decide(o observation) (decision, string) {
 	switch {

@@ -67,6 +67,7 @@ func main() {
 			restoreCommand(),
 			preflightCommand(),
 			hookCommand(),
+			reportCommand(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {},
 	}
@@ -74,7 +75,7 @@ func main() {
 	err := app.RunContext(ctx, os.Args)
 	stop()
 	code := exitCode(err)
-	if isDetachedChild() {
+	if isDetachedChild() || jsonEvents {
 		ev := savevm.Event{Type: "exit", Time: time.Now(), ExitCode: &code}
 		if err != nil {
 			ev.Message = err.Error()

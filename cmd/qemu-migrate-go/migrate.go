@@ -117,8 +117,15 @@ func human(b int64) string {
 	return fmt.Sprintf("%d KiB", b>>10)
 }
 
-// jsonOut writes one JSON line to stdout.
+// jsonOut writes one JSON line to stdout; events get the schema version and this side.
 func jsonOut(v any) {
+	if e, ok := v.(savevm.Event); ok {
+		e.Schema = savevm.EventSchema
+		if e.Side == "" {
+			e.Side = eventSide
+		}
+		v = e
+	}
 	b, _ := json.Marshal(v)
 	os.Stdout.Write(append(b, '\n'))
 }

@@ -19,8 +19,16 @@ type progress struct {
 	bar  *progressbar.ProgressBar
 }
 
+// jsonEvents is set once a command writes JSON-lines events: the run then ends with an "exit"
+// event (main), so that a log always says how it ended.
+var jsonEvents bool
+
+// eventSide is the Event.Side this process's events carry ("source", or "receiver" for receive).
+var eventSide = "source"
+
 func newProgress(jsonLines, quiet bool) *progress {
 	p := &progress{json: jsonLines}
+	jsonEvents = jsonEvents || jsonLines
 	if !jsonLines && !quiet && term.IsTerminal(int(os.Stderr.Fd())) {
 		p.bar = progressbar.NewOptions64(-1,
 			progressbar.OptionSetWriter(os.Stderr),
