@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/qemu-migrate-go/qemu-migrate-go/migration"
 	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
 	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
 	"github.com/qemu-migrate-go/qemu-migrate-go/transport"
@@ -20,7 +21,7 @@ func relayAndVerify(t testing.TB, srcQ, dstQ QEMU, accel string, g guestCase, op
 		if err != nil {
 			return err
 		}
-		sum, err = savevm.Migrate(ctx, savevm.MigrateOptions{Source: qmp.Endpoint{Socket: src.SidecarQMP}, To: to, DstQMP: dst.SidecarQMP, Options: opt})
+		sum, err = migration.Migrate(ctx, migration.MigrateOptions{Source: qmp.Endpoint{Socket: src.SidecarQMP}, To: to, DstQMP: dst.SidecarQMP, Options: opt})
 		return err
 	})
 	return sum

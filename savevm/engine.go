@@ -190,16 +190,16 @@ func Hold(ctx context.Context, ctl Control, p Policy) error {
 		bw = 1 << 40
 	}
 	params := map[string]any{"max-bandwidth": bw, "downtime-limit": 1}
-	if err := ctl.SetCapabilities(ctx, holdCapabilities(p)); err != nil {
+	if err := ctl.SetCapabilities(ctx, HoldCapabilities(p)); err != nil {
 		return err
 	}
 	return ctl.SetParameters(ctx, params)
 }
 
-// holdCapabilities are the source capabilities Hold turns on: events (MIGRATION_PASS lets the
+// HoldCapabilities are the source capabilities Hold turns on: events (MIGRATION_PASS lets the
 // policy decide right at QEMU's dirty sync instead of at its next poll), and auto-converge when
 // the policy asks for it.
-func holdCapabilities(p Policy) map[string]bool {
+func HoldCapabilities(p Policy) map[string]bool {
 	caps := map[string]bool{"events": true}
 	if p.AutoConverge {
 		caps["auto-converge"] = true

@@ -15,6 +15,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/qemu-migrate-go/qemu-migrate-go/hook"
+	"github.com/qemu-migrate-go/qemu-migrate-go/migration"
 	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
 )
 
@@ -101,13 +102,13 @@ func exitCode(err error) int {
 	switch {
 	case errors.Is(err, context.Canceled):
 		return exitCancelled
-	case errors.Is(err, savevm.ErrUsage):
+	case errors.Is(err, migration.ErrUsage):
 		return exitUsage
-	case errors.Is(err, savevm.ErrPolicy):
+	case errors.Is(err, migration.ErrPolicy):
 		return exitPolicy
-	case errors.Is(err, savevm.ErrSource):
+	case errors.Is(err, migration.ErrSource):
 		return exitSource
-	case errors.Is(err, savevm.ErrDestination):
+	case errors.Is(err, migration.ErrDestination):
 		return exitDestination
 	}
 	return exitUsage // flag parsing and argument errors from urfave/cli

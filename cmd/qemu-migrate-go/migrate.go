@@ -8,6 +8,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/qemu-migrate-go/qemu-migrate-go/migration"
 	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
 	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
 	"github.com/qemu-migrate-go/qemu-migrate-go/transport"
@@ -66,7 +67,7 @@ func runMigrate(c *cli.Context) error {
 		return detach(c)
 	}
 	ui := newProgress(c.Bool("json"), c.Bool("quiet"))
-	opt := savevm.MigrateOptions{
+	opt := migration.MigrateOptions{
 		Source:      src,
 		To:          to,
 		DstQMP:      c.String("dst-qmp"),
@@ -85,7 +86,7 @@ func runMigrate(c *cli.Context) error {
 			Warn:   ui.warn,
 		},
 	}
-	sum, err := savevm.Migrate(c.Context, opt)
+	sum, err := migration.Migrate(c.Context, opt)
 	ui.close()
 	if err != nil {
 		if c.Context.Err() != nil {

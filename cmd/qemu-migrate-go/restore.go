@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"github.com/qemu-migrate-go/qemu-migrate-go/migration"
 
 	"github.com/urfave/cli/v2"
 
@@ -28,7 +29,7 @@ func restoreCommand() *cli.Command {
 				return &exitError{exitUsage, err}
 			}
 			ui := newProgress(c.Bool("json"), false)
-			sum, err := savevm.Restore(c.Context, savevm.RestoreOptions{From: c.String("from"), To: to,
+			sum, err := migration.Restore(c.Context, migration.RestoreOptions{From: c.String("from"), To: to,
 				Options: savevm.Options{DstSeries: c.String("dst-version"), Events: ui.event, Warn: ui.warn}})
 			ui.close()
 			var se *stream.Error

@@ -1,10 +1,11 @@
-package savevm
+package migration
 
 import (
 	"context"
 	"fmt"
 	"os"
 
+	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
 	"github.com/qemu-migrate-go/qemu-migrate-go/transport"
 )
 
@@ -12,7 +13,7 @@ import (
 type RestoreOptions struct {
 	From string        // stream file ("-" = standard input)
 	To   transport.URI // destination
-	Options
+	savevm.Options
 }
 
 // Restore replays a saved migration stream (from `--to file:` or QEMU's own `exec:cat > FILE`)
@@ -33,7 +34,7 @@ func Restore(ctx context.Context, o RestoreOptions) (Summary, error) {
 	if err != nil {
 		return Summary{}, &MigrateError{Class: ErrDestination, Err: err}
 	}
-	relay := NewRelay(in, dconn, nil, o.Options)
+	relay := savevm.NewRelay(in, dconn, nil, o.Options)
 	sum, err := relay.Run(ctx)
 	if err != nil {
 		dconn.Abort()
@@ -44,6 +45,6 @@ func Restore(ctx context.Context, o RestoreOptions) (Summary, error) {
 		return sum, &MigrateError{Class: class, Phase: relay.Phase(),
 			Err: fmt.Errorf("restore from %s: %w; the destination got a reset, not a complete stream", o.From, err)}
 	}
-	EmitSummary(o.Options, sum)
+	savevm.EmitSummary(o.Options, sum)
 	return sum, nil
 }
