@@ -373,6 +373,53 @@ func TestFault(t *testing.T) {
 		})
 	}
 
+	// The sidecar itself dies (SIGKILL) in a phase. Nobody is left to put the source back, so
+	// the source QEMU must do it by itself: the sidecar holds it with the return-path
+	// capability, under which QEMU completes only after the sidecar's SHUT and fails the
+	// migration — resuming the guest — when the return path breaks first. The devices phase is
+	// the telling one: QEMU has stopped the guest and sent everything, so without the return
+	// path it would sit in postmigrate with the destination never complete. The parameters the
+	// sidecar changed cannot be set back by a dead sidecar (the row says so).
+	for _, c := range []struct {
+		q  QEMU
+		ph savevm.Phase
+	}{{q72, savevm.PhaseIterate}, {q72, savevm.PhaseDevices}, {q10, savevm.PhaseComplete}, {q10, savevm.PhaseDevices}} {
+		t.Run(fmt.Sprintf("sidecar-killed/%s/%s", c.ph, c.q.Version), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			src, dst, uri := faultPair(t, ctx, c.q)
+			args := []string{"--qmp", src.SidecarQMP, "--to", uri, "--json"}
+			if c.ph != savevm.PhaseIterate {
+				args = append(args, "--max-iterations", "1")
+			}
+			p := startSidecar(t, atPhase(c.ph, func(p *sidecarProc) { p.cmd.Process.Kill() }), args...)
+			code, wall, _ := p.wait(t, 30*time.Second)
+			if code != -1 {
+				t.Errorf("exit code %d, want -1 (killed)", code)
+			}
+			st, err := src.WaitStatus(ctx, "running")
+			if err != nil {
+				t.Fatalf("the source did not resume by itself: %v", err)
+			}
+			if err := src.WaitMoreSerial(ctx, 'B', 2); err != nil {
+				t.Fatalf("source guest does not make progress: %v", err)
+			}
+			m, err := src.QMP.QueryMigrate(ctx)
+			if err != nil || m.Status != "failed" {
+				t.Errorf("source migration %q (%v), want failed", m.Status, err)
+			}
+			select {
+			case <-dst.Exited():
+			case <-time.After(5 * time.Second):
+				if s, err := dst.QMP.QueryStatus(ctx); err == nil && s.Status != "inmigrate" {
+					t.Errorf("destination is %q: it must never have had a complete stream", s.Status)
+				}
+			}
+			recordFault(t, code, wall, st+", guest runs (resumed by QEMU itself; parameters as the sidecar set them)",
+				"(killed: no message) source migration "+m.Status+": "+m.ErrorDesc)
+		})
+	}
+
 	// The destination rejects the stream. QEMU exits on a load failure (its error goes to its
 	// own stderr), so with --dst-qmp the sidecar can only tell that it exited; a 10.0
 	// destination started with `-incoming defer` + migrate-incoming exit-on-error=false stays

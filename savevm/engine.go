@@ -152,9 +152,15 @@ type Relay struct {
 	bytesIn  atomic.Int64
 	bytesOut atomic.Int64
 	phase    atomic.Value // Phase
-	// Page records passed on so far, for progress events (the ram handler counts them).
-	normalPages atomic.Int64
-	zeroPages   atomic.Int64
+	// Page records passed on so far, for progress events and the summary.
+	normalPages     atomic.Int64
+	zeroPages       atomic.Int64
+	xbzrlePages     atomic.Int64
+	compressedPages atomic.Int64
+
+	rp returnPath // the source's return path, when the source opened one
+	// newLinkOutput makes the link output instead of a QEMU stream (NewLinkRelay).
+	newLinkOutput func(*Relay) output
 
 	mu          sync.Mutex
 	sum         Summary
@@ -174,6 +180,9 @@ func NewRelay(src io.ReadCloser, dst io.WriteCloser, ctl Control, opt Options) *
 		opt.PollInterval = 25 * time.Millisecond
 	}
 	r := &Relay{src: src, dst: dst, ctl: ctl, opt: opt, emit: opt.Events}
+	if w, ok := src.(io.Writer); ok && ctl != nil {
+		r.rp.w = w // a live source: its connection carries the return path back to it
+	}
 	if r.emit == nil {
 		r.emit = func(Event) {}
 	}
@@ -197,10 +206,12 @@ func Hold(ctx context.Context, ctl Control, p Policy) error {
 }
 
 // HoldCapabilities are the source capabilities Hold turns on: events (MIGRATION_PASS lets the
-// policy decide right at QEMU's dirty sync instead of at its next poll), and auto-converge when
-// the policy asks for it.
+// policy decide right at QEMU's dirty sync instead of at its next poll), return-path (the source
+// then completes only when the sidecar says the destination has everything — SHUT on the return
+// path —, and resumes the guest by itself if the sidecar dies before: returnpath.go), and
+// auto-converge when the policy asks for it.
 func HoldCapabilities(p Policy) map[string]bool {
-	caps := map[string]bool{"events": true}
+	caps := map[string]bool{"events": true, "return-path": true}
 	if p.AutoConverge {
 		caps["auto-converge"] = true
 	}
@@ -293,6 +304,8 @@ func (r *Relay) Run(ctx context.Context) (Summary, error) {
 		sum.Sections[k] = v
 	}
 	sum.Iterations = r.iteration
+	sum.NormalPages, sum.ZeroPages = r.normalPages.Load(), r.zeroPages.Load()
+	sum.XBZRLEPages, sum.CompressedPages = r.xbzrlePages.Load(), r.compressedPages.Load()
 	sum.PausedByPolicy = r.pausedByPol
 	stoppedAt := r.stoppedAt
 	r.mu.Unlock()
@@ -479,8 +492,10 @@ func (r *Relay) setDowntime(ctx context.Context, d time.Duration) error {
 	return nil
 }
 
-// pump reads every record of the source stream, passes it through the handler of its section
-// and writes it to the destination; it ends when the destination has the complete stream.
+// pump reads every record of the source stream, counts it, answers the source's return path,
+// and passes it to the output (a QEMU stream towards the destination, or the link); it ends
+// when the destination has the complete stream, and only then lets the source complete (SHUT on
+// its return path).
 func (r *Relay) pump() error {
 	counter := &countingReader{r: r.src, n: &r.bytesIn}
 	opts := []stream.Option{
@@ -493,10 +508,8 @@ func (r *Relay) pump() error {
 		opts = append(opts, stream.WithLimits(*r.opt.Limits))
 	}
 	rd := stream.NewReader(counter, opts...)
-	sink := newAsyncSink(&countingWriter{w: r.dst, n: &r.bytesOut})
-	defer sink.Close()
-	w := stream.NewWriter(sink)
-	h := newHandlers(r, w)
+	out := r.newOutput()
+	defer out.close()
 	var tailStart time.Time
 	var tailFrom int64
 	for {
@@ -518,29 +531,102 @@ func (r *Relay) pump() error {
 				r.markStopped()
 				r.setPhase(PhaseComplete)
 			}
+			if r.rp.command(rec) {
+				continue // the return path is between the source and the sidecar
+			}
 		case stream.KindSectionFull:
 			if rec.Depth == 0 && tailStart.IsZero() {
-				tailStart, tailFrom = time.Now(), w.Offset()
+				tailStart, tailFrom = time.Now(), out.written()
 				r.setPhase(PhaseDevices)
 			}
+		case stream.KindRAM:
+			r.count(rec.RAM.Flags)
 		}
-		if err := h.handle(rec); err != nil {
+		if err := out.handle(rec); err != nil {
 			return err
 		}
+		if rec.Kind == stream.KindVMDesc && r.rp.open {
+			// The source waits for SHUT before it closes its end: the stream is complete.
+			break
+		}
 	}
-	if err := w.Flush(); err != nil {
-		return err // a write error is already a *DestinationError
-	}
-	if err := r.dst.Close(); err != nil {
-		return &DestinationError{Err: fmt.Errorf("finishing the stream: %w", err)}
+	if err := out.finish(); err != nil {
+		return err
 	}
 	r.mu.Lock()
 	r.deliveredAt = time.Now()
 	if !tailStart.IsZero() {
 		r.sum.TailMs = time.Since(tailStart).Milliseconds()
-		r.sum.TailBytes = w.Offset() - tailFrom
+		r.sum.TailBytes = out.written() - tailFrom
 	}
 	r.mu.Unlock()
+	// The destination has everything: now the source may complete.
+	if err := r.rp.shut(); err != nil {
+		r.warn(fmt.Sprintf("telling the source the migration is complete (SHUT on its return path): %v", err))
+	}
+	return nil
+}
+
+// count adds a RAM record to the page counters.
+func (r *Relay) count(f stream.RAMFlag) {
+	switch f &^ stream.RAMContinue {
+	case stream.RAMPage:
+		r.normalPages.Add(1)
+	case stream.RAMZero:
+		r.zeroPages.Add(1)
+	case stream.RAMXBZRLE:
+		r.xbzrlePages.Add(1)
+	case stream.RAMCompressPage:
+		r.compressedPages.Add(1)
+	}
+}
+
+// output is where the engine's records go: a QEMU stream to the destination (relay mode), or
+// the link to a receiving sidecar.
+type output interface {
+	// handle takes one record of the source stream, in order.
+	handle(rec *stream.Record) error
+	// finish completes the stream after its last record: nil means the destination has it.
+	finish() error
+	// written is the number of bytes written towards the destination so far.
+	written() int64
+	// close releases the output's goroutines (after finish, or on failure).
+	close()
+}
+
+// newOutput returns the output of this relay.
+func (r *Relay) newOutput() output {
+	if r.newLinkOutput != nil {
+		return r.newLinkOutput(r)
+	}
+	return newStreamOutput(r)
+}
+
+// streamOutput writes the QEMU stream to the destination through the handlers (relay mode).
+type streamOutput struct {
+	r    *Relay
+	sink *asyncSink
+	w    *stream.Writer
+	h    *handlers
+}
+
+func newStreamOutput(r *Relay) *streamOutput {
+	sink := newAsyncSink(&countingWriter{w: r.dst, n: &r.bytesOut})
+	w := stream.NewWriter(sink)
+	return &streamOutput{r: r, sink: sink, w: w, h: newHandlers(r, w)}
+}
+
+func (o *streamOutput) handle(rec *stream.Record) error { return o.h.handle(rec) }
+func (o *streamOutput) written() int64                  { return o.w.Offset() }
+func (o *streamOutput) close()                          { o.sink.Close() }
+
+func (o *streamOutput) finish() error {
+	if err := o.w.Flush(); err != nil {
+		return err // a write error is already a *DestinationError
+	}
+	if err := o.r.dst.Close(); err != nil {
+		return &DestinationError{Err: fmt.Errorf("finishing the stream: %w", err)}
+	}
 	return nil
 }
 

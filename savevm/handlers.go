@@ -126,31 +126,19 @@ type ramRelay struct {
 	h       *handlers
 	page    [4096]byte // scratch for rewritten pages (fill ≠ 0, inflated COMPRESS_PAGE)
 	inflate stream.Inflater
-	counts  struct{ normal, zero, xbzrle, compressed int64 }
 }
 
 func (m *ramRelay) setup(rec *stream.Record) error    { return m.h.w.WriteRecord(rec) }
 func (m *ramRelay) iterate(rec *stream.Record) error  { return m.h.w.WriteRecord(rec) }
 func (m *ramRelay) complete(rec *stream.Record) error { return m.h.w.WriteRecord(rec) }
 
-func (m *ramRelay) footer(rec *stream.Record) error {
-	m.h.r.mu.Lock()
-	s := &m.h.r.sum
-	s.NormalPages, s.ZeroPages, s.XBZRLEPages, s.CompressedPages = m.counts.normal, m.counts.zero, m.counts.xbzrle, m.counts.compressed
-	m.h.r.mu.Unlock()
-	return m.h.w.WriteRecord(rec)
-}
+func (m *ramRelay) footer(rec *stream.Record) error { return m.h.w.WriteRecord(rec) }
 
 func (m *ramRelay) record(rec *stream.Record) error {
 	r := &rec.RAM
 	w := m.h.w
 	switch r.Flags &^ stream.RAMContinue {
-	case stream.RAMPage:
-		m.counts.normal++
-		m.h.r.normalPages.Add(1)
 	case stream.RAMZero:
-		m.counts.zero++
-		m.h.r.zeroPages.Add(1)
 		if r.Fill != 0 {
 			// 10.0 rejects a non-zero fill (stream-format.md §4): send the same content as a page.
 			for i := range m.page {
@@ -159,10 +147,7 @@ func (m *ramRelay) record(rec *stream.Record) error {
 			m.h.rewritten("rewrote ZERO records with a non-zero fill byte as PAGE records")
 			return w.WritePage(r.Offset, r.Block, m.page[:])
 		}
-	case stream.RAMXBZRLE:
-		m.counts.xbzrle++
 	case stream.RAMCompressPage:
-		m.counts.compressed++
 		if m.h.dst10 {
 			// 10.0 has no COMPRESS_PAGE (0x100): inflate and send the page itself.
 			n, err := m.inflate.Inflate(m.page[:], r.Data)
