@@ -56,8 +56,9 @@ type eventWriter struct {
 	mu     sync.Mutex
 	buf    []byte
 	p      *sidecarProc
-	on     func(*sidecarProc, savevm.Event)
-	phases []savevm.Phase
+	on      func(*sidecarProc, savevm.Event)
+	phases  []savevm.Phase
+	summary *savevm.Summary
 }
 
 func (w *eventWriter) Write(p []byte) (int, error) {
@@ -73,6 +74,9 @@ func (w *eventWriter) Write(p []byte) (int, error) {
 		if json.Unmarshal(w.buf[:i], &e) == nil {
 			if e.Type == "phase" {
 				w.phases = append(w.phases, e.Phase)
+			}
+			if e.Type == "summary" {
+				w.summary = e.Summary
 			}
 			if w.on != nil {
 				w.on(w.p, e)
@@ -98,9 +102,19 @@ type sidecarProc struct {
 // startSidecar starts the binary with args; on (may be nil) sees every --json event.
 func startSidecar(t *testing.T, on func(*sidecarProc, savevm.Event), args ...string) *sidecarProc {
 	t.Helper()
+	return startSidecarIn(t, "", on, args...)
+}
+
+// startSidecarIn is startSidecar inside network namespace ns ("" = this one), through
+// `ip netns exec`, which execs the binary: the PID is the sidecar's own.
+func startSidecarIn(t *testing.T, ns string, on func(*sidecarProc, savevm.Event), args ...string) *sidecarProc {
+	t.Helper()
 	p := &sidecarProc{out: &eventWriter{on: on}, done: make(chan struct{})}
 	p.out.p = p
 	p.cmd = exec.Command(sidecarBinary(t), args...)
+	if ns != "" {
+		p.cmd = exec.Command("ip", append([]string{"netns", "exec", ns, sidecarBinary(t)}, args...)...)
+	}
 	p.cmd.Stdout = p.out
 	p.cmd.Stderr = &p.stderr
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/qemu-migrate-go/qemu-migrate-go/link"
 	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
 	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
 	"github.com/qemu-migrate-go/qemu-migrate-go/transport"
@@ -29,6 +30,8 @@ type MigrateOptions struct {
 	// ConnectTimeout bounds every connection set-up (QMP handshakes, the destination, the
 	// source's connection to the private socket). Default 30 s.
 	ConnectTimeout time.Duration
+	// Link configures the link when To is a receiving sidecar (qmg://HOST:PORT).
+	Link LinkOptions
 }
 
 // Failure classes, for exit codes (README "Exit codes").
@@ -100,6 +103,13 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 	// 5. The engine relays until the destination has the complete stream.
 	sum, err := m.run(ctx)
 	if err != nil {
+		var ue *savevm.UncertainError
+		if errors.As(err, &ue) {
+			return m.uncertain(err)
+		}
+		if m.engine == nil {
+			return m.recoverFrom(ctx, err, classOf(err, ErrSource), m.phase)
+		}
 		return m.recoverFrom(ctx, err, classify(err, ctx), m.engine.Phase())
 	}
 	// 6. The destination has it all: the source is never resumed; see the destination run.
@@ -122,6 +132,7 @@ type migration struct {
 	private net.Listener   // the private socket the source migrates into
 	sconn   net.Conn       // the source's connection to it
 
+	session   *link.Session // the link to a receiving sidecar (To is qmg://)
 	engine    *savevm.Relay
 	phase     savevm.Phase
 	delivered bool // the destination has the complete stream: never resume the source
@@ -214,6 +225,9 @@ func (m *migration) checkDestination(ctx context.Context) error {
 	if m.o.DstQMP == "" {
 		return nil
 	}
+	if m.o.To.IsLink() {
+		return usageError{errors.New("--dst-qmp names the destination QEMU's monitor, which is on the receiver's host: give it to `receive` there")}
+	}
 	cctx, cancel := context.WithTimeout(ctx, m.o.ConnectTimeout)
 	defer cancel()
 	dst, err := qmp.DialUnix(cctx, m.o.DstQMP)
@@ -238,6 +252,12 @@ func (m *migration) checkDestination(ctx context.Context) error {
 func (m *migration) openDestination(ctx context.Context) error {
 	cctx, cancel := context.WithTimeout(ctx, m.o.ConnectTimeout)
 	defer cancel()
+	if m.o.To.IsLink() {
+		if err := m.dialLink(cctx); err != nil {
+			return err
+		}
+		return m.listenPrivate()
+	}
 	dconn, err := transport.Open(cctx, m.o.To)
 	if err != nil {
 		return err
@@ -316,8 +336,12 @@ func (m *migration) keepCapabilities(ctx context.Context) error {
 	return nil
 }
 
-// run is the engine's part: the relay from the private socket to the destination.
+// run is the engine's part: the relay from the private socket to the destination, or over
+// the link.
 func (m *migration) run(ctx context.Context) (Summary, error) {
+	if m.session != nil {
+		return m.runLink(ctx)
+	}
 	m.engine = savevm.NewRelay(m.sconn, m.dconn, m.src, m.o.Options)
 	return m.engine.Run(ctx)
 }
@@ -346,6 +370,12 @@ func (m *migration) finish(sum Summary) (Summary, error) {
 	defer cancel()
 	if mi, err := m.src.WaitMigration(wctx, 20*time.Millisecond); err == nil {
 		sum.QEMUDowntimeMs = mi.Downtime
+	}
+	if m.session != nil {
+		if err := m.awaitStatus(wctx); err != nil {
+			return sum, &MigrateError{Class: ErrDestination, Phase: savevm.PhaseDone, SourceState: "postmigrate",
+				Err: fmt.Errorf("%w; the source stays paused in postmigrate: check the destination's log, and if it cannot run, resume the source with `cont` on its QMP", err)}
+		}
 	}
 	if m.dst != nil {
 		st, err := waitDestination(wctx, m.dst)

@@ -134,6 +134,8 @@ type Summary struct {
 	Rewritten int64 `json:"rewritten,omitempty"`
 	// PausedByPolicy is true when --timeout-action pause stopped the guest.
 	PausedByPolicy bool `json:"paused_by_policy,omitempty"`
+	// Link is what the link did (migrations over qmg://; receive reports its own side).
+	Link *LinkSummary `json:"link,omitempty"`
 }
 
 // PolicyError is returned when the policy ended the migration (timeout, stall).
@@ -159,8 +161,10 @@ type Relay struct {
 	compressedPages atomic.Int64
 
 	rp returnPath // the source's return path, when the source opened one
-	// newLinkOutput makes the link output instead of a QEMU stream (NewLinkRelay).
+	// newLinkOutput makes the link output instead of a QEMU stream (NewLinkRelay), and
+	// linkBytes counts what it sent.
 	newLinkOutput func(*Relay) output
+	linkBytes     func() int64
 
 	mu          sync.Mutex
 	sum         Summary
@@ -231,7 +235,7 @@ func (r *Relay) setPhase(p Phase) {
 		return
 	}
 	r.phase.Store(p)
-	r.emit(r.pages(Event{Type: "phase", Time: time.Now(), Phase: p, Transferred: r.bytesOut.Load()}))
+	r.emit(r.pages(Event{Type: "phase", Time: time.Now(), Phase: p, Transferred: r.transferred()}))
 }
 
 // Run relays until the destination has the complete stream (nil), or fails: a *stream.Error for
@@ -309,7 +313,7 @@ func (r *Relay) Run(ctx context.Context) (Summary, error) {
 	sum.PausedByPolicy = r.pausedByPol
 	stoppedAt := r.stoppedAt
 	r.mu.Unlock()
-	sum.BytesIn, sum.BytesOut = r.bytesIn.Load(), r.bytesOut.Load()
+	sum.BytesIn, sum.BytesOut = r.bytesIn.Load(), r.transferred()
 	sum.TotalTimeMs = time.Since(start).Milliseconds()
 	if err != nil {
 		return sum, err // the caller reports the phase (Relay.Phase)
@@ -319,6 +323,15 @@ func (r *Relay) Run(ctx context.Context) (Summary, error) {
 	}
 	r.setPhase(PhaseDone)
 	return sum, nil
+}
+
+// transferred is the number of bytes written towards the destination: the QEMU stream, or the
+// link's data frames.
+func (r *Relay) transferred() int64 {
+	if r.linkBytes != nil {
+		return r.linkBytes()
+	}
+	return r.bytesOut.Load()
 }
 
 // pages fills e's page counters.
@@ -374,12 +387,16 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 			// QEMU just synced its dirty bitmap: decide now, not at the next tick.
 		}
 		now := time.Now()
-		in, out := r.bytesIn.Load(), r.bytesOut.Load()
+		// The rate is measured where the source's bytes are consumed: in relay mode that is
+		// what is written to the destination, over a link it is what the link's encoded,
+		// deduplicated, compressed frames carry per second in the source's own bytes — the
+		// unit of QEMU's remaining count (bounded queues tie the two together).
+		in, out := r.bytesIn.Load(), r.transferred()
 		if in != lastIn {
 			lastIn, lastProgress = in, now
 		}
 		if dt := now.Sub(lastTick).Seconds(); dt >= r.opt.PollInterval.Seconds()/2 {
-			cur := float64(out-lastOut) / dt
+			cur := float64(in-lastOut) / dt
 			if rate == 0 {
 				rate = cur
 			} else {
@@ -390,7 +407,7 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 			// switchover sends is full pages. The peak decays so a slower link shows within
 			// about a second.
 			capacity = max(capacity*0.97, rate)
-			lastOut, lastTick = out, now
+			lastOut, lastTick = in, now
 		}
 		if r.ctl == nil { // a replay (restore): no source to steer, only stalls to catch
 			if since := now.Sub(lastProgress); since >= p.StallTimeout {
@@ -551,6 +568,12 @@ func (r *Relay) pump() error {
 		}
 	}
 	if err := out.finish(); err != nil {
+		var ue *UncertainError
+		if errors.As(err, &ue) {
+			// The receiver may have completed its QEMU's stream: the source must not resume
+			// by itself, so it completes (postmigrate) and the operator is told to look.
+			r.rp.shut()
+		}
 		return err
 	}
 	r.mu.Lock()

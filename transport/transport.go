@@ -18,18 +18,41 @@ import (
 
 // URI is a parsed destination.
 type URI struct {
-	Scheme string // "tcp", "unix", "file" or "exec"
-	Addr   string // host:port for tcp, the path for unix and file, the shell command for exec
+	Scheme string // "tcp", "unix", "file", "exec", or "qmg" (a receiving sidecar)
+	Addr   string // host:port for tcp and qmg, the path for unix and file, the shell command for exec
 }
 
-func (u URI) String() string { return u.Scheme + ":" + u.Addr }
+func (u URI) String() string {
+	if u.Scheme == "qmg" {
+		return "qmg://" + u.Addr
+	}
+	return u.Scheme + ":" + u.Addr
+}
+
+// IsLink reports whether u names a receiving sidecar (qmg://HOST:PORT) rather than a QEMU.
+func (u URI) IsLink() bool { return u.Scheme == "qmg" }
+
+// Host is the host part of a tcp or qmg address (what TLS checks the receiver's name against).
+func (u URI) Host() string {
+	h, _, err := net.SplitHostPort(u.Addr)
+	if err != nil {
+		return u.Addr
+	}
+	return h
+}
 
 // ErrBadURI is wrapped by every Parse error.
 var ErrBadURI = errors.New("bad destination URI")
 
-// Parse reads a destination URI: tcp:HOST:PORT (IPv6 as tcp:[::1]:PORT), unix:PATH, file:PATH
-// or exec:COMMAND.
+// Parse reads a destination URI: tcp:HOST:PORT (IPv6 as tcp:[::1]:PORT), unix:PATH, file:PATH,
+// exec:COMMAND, or qmg://HOST:PORT (a receiving sidecar, link/PROTOCOL.md).
 func Parse(s string) (URI, error) {
+	if rest, ok := strings.CutPrefix(s, "qmg://"); ok {
+		if err := checkHostPort(s, rest); err != nil {
+			return URI{}, err
+		}
+		return URI{Scheme: "qmg", Addr: rest}, nil
+	}
 	scheme, rest, ok := strings.Cut(s, ":")
 	if !ok {
 		return URI{}, fmt.Errorf("%w %q: want tcp:HOST:PORT, unix:PATH, file:PATH or exec:COMMAND", ErrBadURI, s)
@@ -37,24 +60,32 @@ func Parse(s string) (URI, error) {
 	u := URI{Scheme: scheme, Addr: rest}
 	switch scheme {
 	case "tcp":
-		host, port, err := net.SplitHostPort(rest)
-		if err != nil {
-			return URI{}, fmt.Errorf("%w %q: %v", ErrBadURI, s, err)
-		}
-		if host == "" {
-			return URI{}, fmt.Errorf("%w %q: no host", ErrBadURI, s)
-		}
-		if p, err := strconv.Atoi(port); err != nil || p <= 0 || p > 65535 {
-			return URI{}, fmt.Errorf("%w %q: port %q is not 1–65535", ErrBadURI, s, port)
+		if err := checkHostPort(s, rest); err != nil {
+			return URI{}, err
 		}
 	case "unix", "file", "exec":
 		if rest == "" || strings.ContainsRune(rest, 0) {
 			return URI{}, fmt.Errorf("%w %q: empty or invalid %s", ErrBadURI, s, map[string]string{"unix": "path", "file": "path", "exec": "command"}[scheme])
 		}
 	default:
-		return URI{}, fmt.Errorf("%w %q: unknown scheme %q (want tcp, unix, file or exec)", ErrBadURI, s, scheme)
+		return URI{}, fmt.Errorf("%w %q: unknown scheme %q (want tcp, unix, file, exec or qmg://)", ErrBadURI, s, scheme)
 	}
 	return u, nil
+}
+
+// checkHostPort checks a HOST:PORT address of URI s.
+func checkHostPort(s, addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%w %q: %v", ErrBadURI, s, err)
+	}
+	if host == "" {
+		return fmt.Errorf("%w %q: no host", ErrBadURI, s)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p <= 0 || p > 65535 {
+		return fmt.Errorf("%w %q: port %q is not 1–65535", ErrBadURI, s, port)
+	}
+	return nil
 }
 
 // Conn is an open destination. Close finishes the stream and reports whether everything
@@ -96,6 +127,9 @@ func Open(ctx context.Context, u URI) (Conn, error) {
 			return nil, fmt.Errorf("%s: %w", u, err)
 		}
 		return &execConn{cmd: cmd, w: w}, nil
+	}
+	if u.IsLink() {
+		return nil, fmt.Errorf("%w: %s is a receiving sidecar: reach it with package link", ErrBadURI, u)
 	}
 	return nil, fmt.Errorf("%w: %s", ErrBadURI, u)
 }

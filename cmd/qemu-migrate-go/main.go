@@ -56,6 +56,7 @@ func main() {
 		UsageText: "qemu-migrate-go --qmp SOCK --to tcp:HOST:PORT [options]\n" +
 			"qemu-migrate-go inspect [--json] FILE|-\n" +
 			"qemu-migrate-go restore --from FILE --to tcp:HOST:PORT\n" +
+			"qemu-migrate-go receive --listen tcp:HOST:PORT --to unix:PATH [--dst-qmp SOCK] --tls-cert F --tls-key F --tls-ca F\n" +
 			"qemu-migrate-go --libvirt qemu:///system --domain NAME --to tcp:HOST:PORT [options]\n" +
 			"qemu-migrate-go preflight (--qmp SOCK | --libvirt URI --domain NAME) (--dst-qmp SOCK | --dst-xml FILE) [--json]\n" +
 			"qemu-migrate-go hook DOMAIN OPERATION SUB-OPERATION EXTRA < domain.xml",
@@ -69,6 +70,7 @@ func main() {
 			preflightCommand(),
 			hookCommand(),
 			reportCommand(),
+			receiveCommand(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {},
 	}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/qemu-migrate-go/qemu-migrate-go/link"
 	"github.com/qemu-migrate-go/qemu-migrate-go/migration"
 	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
 	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
@@ -33,8 +34,8 @@ func sourceEndpoint(c *cli.Context) (qmp.Endpoint, error) {
 }
 
 func migrateFlags() []cli.Flag {
-	return append(sourceFlags(),
-		&cli.StringFlag{Name: "to", Usage: "destination: tcp:HOST:PORT, unix:PATH, file:PATH or exec:COMMAND"},
+	return append(append(sourceFlags(),
+		&cli.StringFlag{Name: "to", Usage: "destination: tcp:HOST:PORT, unix:PATH, file:PATH, exec:COMMAND, or qmg://HOST:PORT (a receiving sidecar: `receive`)"},
 		&cli.StringFlag{Name: "dst-qmp", Usage: "QMP unix socket of the destination QEMU (optional: version, state and its own error on failure)"},
 		&cli.DurationFlag{Name: "downtime", Value: 300 * time.Millisecond, Usage: "longest guest stop the switchover may cause"},
 		&cli.Int64Flag{Name: "bandwidth", Usage: "cap on the source's sending rate in bytes/s (0 = unlimited)"},
@@ -48,7 +49,30 @@ func migrateFlags() []cli.Flag {
 		&cli.BoolFlag{Name: "no-preflight", Usage: "with --dst-qmp: skip the pre-flight checks (preflight command) before sending"},
 		&cli.BoolFlag{Name: "detach", Usage: "run in the background, in its own session, logging JSON-lines events to --log; print the log path and PID and exit 0 at once (for hooks and scripts)"},
 		&cli.StringFlag{Name: "log", Usage: "with --detach: the log file (default: a new file in $TMPDIR)"},
+	), linkFlags(false)...)
+}
+
+// linkFlags are the flags of the link between two sidecars (--to qmg://, receive).
+func linkFlags(receiver bool) []cli.Flag {
+	f := []cli.Flag{
+		&cli.StringFlag{Name: "tls-cert", Usage: "link: this side's certificate (PEM)"},
+		&cli.StringFlag{Name: "tls-key", Usage: "link: this side's private key (PEM)"},
+		&cli.StringFlag{Name: "tls-ca", Usage: "link: the CA the other side's certificate must chain to (PEM)"},
+		&cli.BoolFlag{Name: "no-tls", Usage: "link: plain text instead of mutual TLS (both sides must say so)"},
+		&cli.DurationFlag{Name: "link-timeout", Value: 5 * time.Second, Usage: "link: a peer silent this long is dead (heartbeats every second)"},
+	}
+	if receiver {
+		return append(f, &cli.StringFlag{Name: "tls-peer", Usage: "the name (DNS or IP SAN, or CN) the sender's certificate must carry"})
+	}
+	return append(f,
+		&cli.IntFlag{Name: "connections", Value: migration.DefaultConnections, Usage: "link: parallel data connections (1-16)"},
+		&cli.StringFlag{Name: "compress", Value: "auto", Usage: "link: auto (by how busy the link is), none, zstd, s2 or lz4"},
 	)
+}
+
+// linkTLS reads the --tls-* flags.
+func linkTLS(c *cli.Context) link.TLSFiles {
+	return link.TLSFiles{Cert: c.String("tls-cert"), Key: c.String("tls-key"), CA: c.String("tls-ca"), Peer: c.String("tls-peer")}
 }
 
 func runMigrate(c *cli.Context) error {
@@ -85,6 +109,11 @@ func runMigrate(c *cli.Context) error {
 			Events: ui.event,
 			Warn:   ui.warn,
 		},
+		Link: migration.LinkOptions{TLS: linkTLS(c), NoTLS: c.Bool("no-tls"), Connections: c.Int("connections"),
+			Compress: c.String("compress"), Timeout: c.Duration("link-timeout")},
+	}
+	if !to.IsLink() && (c.IsSet("tls-cert") || c.IsSet("no-tls") || c.IsSet("connections") || c.IsSet("compress")) {
+		return &exitError{exitUsage, fmt.Errorf("--tls-*, --no-tls, --connections and --compress are for a link (--to qmg://HOST:PORT)")}
 	}
 	sum, err := migration.Migrate(c.Context, opt)
 	ui.close()

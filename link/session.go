@@ -1,0 +1,760 @@
+package link
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// Config configures one end of a link.
+type Config struct {
+	// TLS is the side's TLS configuration (ClientTLS, ServerTLS); nil means plain text, which
+	// both sides must ask for (--no-tls).
+	TLS *tls.Config
+	// Timeout: a peer silent this long on the control connection is dead (default 5 s). Each
+	// side sends PING every second.
+	Timeout time.Duration
+	// HandshakeTimeout bounds each connection's set-up: TCP, TLS, HELLO and its answer
+	// (default 30 s).
+	HandshakeTimeout time.Duration
+	// Bandwidth caps the sender's data connections together, bytes/s; 0 = none.
+	Bandwidth int64
+	// Window is how many bytes of early data frames the receiver holds while it waits for an
+	// earlier one (default 16 MiB); a frame beyond it waits on its connection.
+	Window int
+	// QueueFrames is how many encoded data frames the sender queues for its connections
+	// (default 8).
+	QueueFrames int
+}
+
+func (c Config) withDefaults() Config {
+	if c.Timeout <= 0 {
+		c.Timeout = 5 * time.Second
+	}
+	if c.HandshakeTimeout <= 0 {
+		c.HandshakeTimeout = 30 * time.Second
+	}
+	if c.Window <= 0 {
+		c.Window = 16 << 20
+	}
+	if c.QueueFrames <= 0 {
+		c.QueueFrames = 8
+	}
+	return c
+}
+
+// ErrTimeout is wrapped when a peer stayed silent past Config.Timeout.
+var ErrTimeout = errors.New("link timeout")
+
+var errEOF = io.EOF
+
+// conn is one TCP (or TLS) connection of a link.
+type conn struct {
+	name string
+	nc   net.Conn
+	fr   *Framer
+	cert []byte // the peer's leaf certificate (TLS), for "the same peer" checks
+}
+
+// Session is an established link: the control connection and the data connections, with the
+// heartbeat running. The sender sends data frames with SendData; the receiver reads them in
+// sequence order with NextData. Either side sends and receives control frames (SendControl,
+// Control). Any error ends the whole session (Done, Err).
+type Session struct {
+	cfg  Config
+	side string // "sender" or "receiver"
+	ctl  *conn
+	data []*conn
+
+	// Hello and Welcome are what the two sides agreed (the control connection's).
+	Hello   Hello
+	Welcome Welcome
+
+	ctlMu   sync.Mutex // one control frame at a time
+	control chan Frame
+	done    chan struct{}
+	once    sync.Once
+	errMu   sync.Mutex
+	err     error
+	wg      sync.WaitGroup
+
+	lastHeard atomic.Int64 // unix ns of the last control frame from the peer
+	received  atomic.Int64 // data bytes read
+	sent      atomic.Int64 // data bytes written
+	peer      atomic.Pointer[Ping]
+
+	// Sender.
+	out     chan []byte
+	lim     *rate.Limiter
+	release func([]byte)
+	lastSeq uint64
+
+	// Receiver: the reorder window.
+	rmu     sync.Mutex
+	rcond   *sync.Cond
+	pending map[uint64]Frame
+	next    uint64
+	held    int
+	applied atomic.Uint64
+	pool    sync.Pool
+}
+
+func newSession(cfg Config, side string) *Session {
+	s := &Session{cfg: cfg.withDefaults(), side: side, control: make(chan Frame, 16), done: make(chan struct{})}
+	s.rcond = sync.NewCond(&s.rmu)
+	s.lastHeard.Store(time.Now().UnixNano())
+	return s
+}
+
+// Done is closed when the session has ended (error, Abort or Close).
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// Err is why the session ended (nil while it runs, or after Close).
+func (s *Session) Err() error {
+	s.errMu.Lock()
+	defer s.errMu.Unlock()
+	return s.err
+}
+
+// fail ends the session with err (the first error wins) and closes every connection, which
+// unblocks every reader and writer.
+func (s *Session) fail(err error) {
+	s.once.Do(func() {
+		s.errMu.Lock()
+		s.err = err
+		s.errMu.Unlock()
+		close(s.done)
+		s.closeConns(false)
+		s.rmu.Lock()
+		s.rcond.Broadcast()
+		s.rmu.Unlock()
+	})
+}
+
+func (s *Session) closeConns(graceful bool) {
+	for _, c := range append([]*conn{s.ctl}, s.data...) {
+		if c == nil {
+			continue
+		}
+		if tc, ok := c.nc.(*net.TCPConn); ok && !graceful {
+			tc.SetLinger(0)
+		}
+		c.nc.Close()
+	}
+}
+
+// Abort tells the peer why (an ERROR frame, bounded by a short deadline) and ends the session.
+func (s *Session) Abort(code ErrorCode, msg string) {
+	select {
+	case <-s.done:
+		return
+	default:
+	}
+	s.writeControl(FrameError, AppendError(nil, code, msg), 2*time.Second)
+	s.fail(fmt.Errorf("link aborted: %s", msg))
+}
+
+// Close ends a session that completed: its connections are closed without an ERROR.
+func (s *Session) Close() {
+	s.once.Do(func() {
+		close(s.done)
+		s.closeConns(true)
+		s.rmu.Lock()
+		s.rcond.Broadcast()
+		s.rmu.Unlock()
+	})
+	s.wg.Wait()
+}
+
+// SendControl writes one control frame.
+func (s *Session) SendControl(t FrameType, payload []byte) error {
+	if err := s.writeControl(t, payload, s.cfg.Timeout); err != nil {
+		s.fail(fmt.Errorf("link: writing %s on the control connection: %w", t, err))
+		return s.Err()
+	}
+	return nil
+}
+
+func (s *Session) writeControl(t FrameType, payload []byte, timeout time.Duration) error {
+	s.ctlMu.Lock()
+	defer s.ctlMu.Unlock()
+	s.ctl.nc.SetWriteDeadline(time.Now().Add(timeout))
+	defer s.ctl.nc.SetWriteDeadline(time.Time{})
+	return s.ctl.fr.WriteFrame(t, payload)
+}
+
+// Control delivers the control frames the application handles (READY, COMMIT, DELIVERED,
+// STATUS); their payloads are copies. PING, PONG and ERROR are handled by the session.
+func (s *Session) Control() <-chan Frame { return s.control }
+
+// PeerPing is the peer's latest PING (the receiver's view of the data flow), if any.
+func (s *Session) PeerPing() (Ping, bool) {
+	p := s.peer.Load()
+	if p == nil {
+		return Ping{}, false
+	}
+	return *p, true
+}
+
+// BytesSent and BytesReceived count data frame bytes on the data connections.
+func (s *Session) BytesSent() int64     { return s.sent.Load() }
+func (s *Session) BytesReceived() int64 { return s.received.Load() }
+
+// Connections is the number of data connections.
+func (s *Session) Connections() int { return len(s.data) }
+
+// start runs the control reader and the heartbeat.
+func (s *Session) start() {
+	s.wg.Add(2)
+	go s.readControl()
+	go s.heartbeat()
+}
+
+func (s *Session) readControl() {
+	defer s.wg.Done()
+	for {
+		f, err := s.ctl.fr.ReadFrame()
+		if err != nil {
+			select {
+			case <-s.done:
+			default:
+				if err == io.EOF {
+					err = errors.New("the peer closed the control connection")
+				}
+				s.fail(fmt.Errorf("link: %w", err))
+			}
+			return
+		}
+		s.lastHeard.Store(time.Now().UnixNano())
+		switch f.Type {
+		case FramePing:
+			p, err := ParsePing(f.Payload)
+			if err != nil {
+				s.fail(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: err})
+				return
+			}
+			s.peer.Store(&p)
+			s.writeControl(FramePong, p.Append(nil)[:8], s.cfg.Timeout)
+		case FramePong:
+		case FrameError:
+			re, err := ParseError(f.Payload)
+			if err != nil {
+				s.fail(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: err})
+				return
+			}
+			s.fail(re)
+			return
+		case FrameReady, FrameCommit, FrameDelivered, FrameStatus:
+			f.Payload = bytes.Clone(f.Payload)
+			select {
+			case s.control <- f:
+			case <-s.done:
+				return
+			}
+		default:
+			s.fail(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: errors.New("not allowed on the control connection now")})
+			return
+		}
+	}
+}
+
+func (s *Session) heartbeat() {
+	defer s.wg.Done()
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	var nonce uint64
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-t.C:
+		}
+		if since := time.Since(time.Unix(0, s.lastHeard.Load())); since > s.cfg.Timeout {
+			s.fail(fmt.Errorf("%w: no word from the peer for %v (the link is down or the peer is stuck)", ErrTimeout, since.Round(100*time.Millisecond)))
+			return
+		}
+		nonce++
+		p := Ping{Nonce: nonce, Received: uint64(s.received.Load()), Applied: s.applied.Load()}
+		if err := s.writeControl(FramePing, p.Append(nil), s.cfg.Timeout); err != nil {
+			select {
+			case <-s.done:
+			default:
+				s.fail(fmt.Errorf("link: sending a heartbeat: %w", err))
+			}
+			return
+		}
+	}
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sender.
+
+// Dial connects to a receiver at addr (HOST:PORT): the control connection and its HELLO, then
+// the data connections. Nothing of the VM has crossed when it fails; the error says why (a
+// refused certificate, a receiver that cannot take the migration: *RemoteError).
+func Dial(ctx context.Context, addr string, cfg Config, hello Hello) (*Session, error) {
+	s := newSession(cfg, "sender")
+	if hello.Connections < 1 {
+		hello.Connections = 1
+	}
+	hello.Role, hello.MinVersion, hello.MaxVersion = "control", MinProtocolVersion, ProtocolVersion
+	ctl, w, err := s.dialOne(ctx, addr, "control", hello)
+	if err != nil {
+		return nil, err
+	}
+	s.ctl = ctl
+	if w.Version < MinProtocolVersion || w.Version > ProtocolVersion {
+		ctl.nc.Close()
+		return nil, fmt.Errorf("link: the receiver chose protocol version %d; this sender speaks %d to %d", w.Version, MinProtocolVersion, ProtocolVersion)
+	}
+	s.Hello, s.Welcome = hello, w
+	n := hello.Connections
+	if w.Connections > 0 && w.Connections < n {
+		n = w.Connections
+	}
+	for i := 1; i <= n; i++ {
+		dh := Hello{Role: "data", Session: w.Session, Index: i, MinVersion: w.Version, MaxVersion: w.Version}
+		c, _, err := s.dialOne(ctx, addr, fmt.Sprintf("data %d", i), dh)
+		if err != nil {
+			s.closeConns(false)
+			return nil, err
+		}
+		s.data = append(s.data, c)
+	}
+	s.out = make(chan []byte, s.cfg.QueueFrames)
+	if s.cfg.Bandwidth > 0 {
+		s.lim = rate.NewLimiter(rate.Limit(s.cfg.Bandwidth), MaxPayload+HeaderSize)
+	}
+	s.start()
+	for _, c := range s.data {
+		s.wg.Add(1)
+		go s.writeData(c)
+	}
+	return s, nil
+}
+
+// dialOne opens one connection, sends hello and reads the WELCOME (or ERROR).
+func (s *Session) dialOne(ctx context.Context, addr, name string, hello Hello) (*conn, Welcome, error) {
+	var w Welcome
+	dctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
+	defer cancel()
+	var d net.Dialer
+	nc, err := d.DialContext(dctx, "tcp", addr)
+	if err != nil {
+		return nil, w, fmt.Errorf("link: connecting to the receiver at %s: %w", addr, err)
+	}
+	dl, _ := dctx.Deadline()
+	nc.SetDeadline(dl)
+	stop := context.AfterFunc(dctx, func() { nc.SetDeadline(time.Now()) })
+	defer stop()
+	c := &conn{name: name, nc: nc}
+	if s.cfg.TLS != nil {
+		tc := tls.Client(nc, s.cfg.TLS)
+		if err := tc.HandshakeContext(dctx); err != nil {
+			nc.Close()
+			return nil, w, fmt.Errorf("link: TLS with the receiver at %s: %w", addr, explainHandshake("sender", err))
+		}
+		c.nc = tc
+	}
+	c.fr = NewFramer(name, c.nc, c.nc)
+	p, err := AppendHello(nil, hello)
+	if err == nil {
+		err = c.fr.WriteFrame(FrameHello, p)
+	}
+	var f Frame
+	if err == nil {
+		f, err = c.fr.ReadFrame()
+	}
+	if err != nil {
+		c.nc.Close()
+		if s.cfg.TLS != nil {
+			err = explainHandshake("sender", err)
+		} else if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || isReset(err) {
+			err = fmt.Errorf("the receiver closed the connection without answering (does it require TLS? this side has --no-tls): %w", err)
+		}
+		return nil, w, fmt.Errorf("link: %s connection to %s: %w", name, addr, err)
+	}
+	switch f.Type {
+	case FrameWelcome:
+		if w, err = ParseWelcome(f.Payload); err != nil {
+			c.nc.Close()
+			return nil, w, &ProtocolError{Conn: name, Offset: f.Offset, Type: f.Type, Err: err}
+		}
+	case FrameError:
+		c.nc.Close()
+		re, err := ParseError(f.Payload)
+		if err != nil {
+			return nil, w, &ProtocolError{Conn: name, Offset: f.Offset, Type: f.Type, Err: err}
+		}
+		return nil, w, re
+	default:
+		c.nc.Close()
+		return nil, w, &ProtocolError{Conn: name, Offset: f.Offset, Type: f.Type, Err: errors.New("expected WELCOME or ERROR")}
+	}
+	nc.SetDeadline(time.Time{})
+	return c, w, nil
+}
+
+func isReset(err error) bool {
+	return err != nil && (errors.Is(err, net.ErrClosed) || bytes.Contains([]byte(err.Error()), []byte("connection reset")))
+}
+
+// SetRelease sets a function that gets every buffer passed to SendData back once it has been
+// written (or dropped), for reuse.
+func (s *Session) SetRelease(fn func([]byte)) { s.release = fn }
+
+// SendData queues an encoded data frame (header included, as the Append functions make it).
+// Frames must be passed in increasing sequence order; each goes to the first data connection
+// that is free, so every connection carries an increasing subsequence (PROTOCOL.md §2.2).
+// It blocks while the queue is full and fails once the session has ended.
+func (s *Session) SendData(b []byte) error {
+	f := Frame{Type: FrameType(b[0]), Payload: b[HeaderSize:]}
+	if seq := f.Seq(); seq <= s.lastSeq {
+		return fmt.Errorf("link: data frame %d sent after %d", seq, s.lastSeq)
+	} else {
+		s.lastSeq = seq
+	}
+	select {
+	case s.out <- b:
+		return nil
+	case <-s.done:
+		if s.release != nil {
+			s.release(b)
+		}
+		return s.Err()
+	}
+}
+
+// Busy is how full the sender's queue is, 0 to 1: near 1 the connections are the bottleneck.
+func (s *Session) Busy() float64 { return float64(len(s.out)) / float64(cap(s.out)) }
+
+func (s *Session) writeData(c *conn) {
+	defer s.wg.Done()
+	for {
+		var b []byte
+		select {
+		case b = <-s.out:
+		case <-s.done:
+			return
+		}
+		if s.lim != nil {
+			if err := s.lim.WaitN(context.Background(), len(b)); err != nil {
+				s.fail(fmt.Errorf("link: bandwidth limiter: %w", err))
+				return
+			}
+		}
+		err := c.fr.WriteEncoded(b)
+		s.sent.Add(int64(len(b)))
+		if s.release != nil {
+			s.release(b)
+		}
+		if err != nil {
+			select {
+			case <-s.done:
+			default:
+				s.fail(fmt.Errorf("link: writing on the %s connection: %w", c.name, err))
+			}
+			return
+		}
+	}
+}
+
+// Drain waits until every queued data frame has been handed to its connection.
+func (s *Session) Drain(ctx context.Context) error {
+	for len(s.out) > 0 {
+		select {
+		case <-s.done:
+			return s.Err()
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Millisecond):
+		}
+	}
+	return s.Err()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The receiver.
+
+// Listener is a receiver's listening socket. It serves one link.
+type Listener struct {
+	l   net.Listener
+	cfg Config
+}
+
+// Listen listens on addr (HOST:PORT), and nowhere else.
+func Listen(addr string, cfg Config) (*Listener, error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("link: listening on %s: %w", addr, err)
+	}
+	return &Listener{l: l, cfg: cfg.withDefaults()}, nil
+}
+
+// Addr is the address the listener is bound to.
+func (l *Listener) Addr() net.Addr { return l.l.Addr() }
+
+// Close stops listening.
+func (l *Listener) Close() error { return l.l.Close() }
+
+// Accept waits (until ctx ends) for the sender's control connection, asks check whether the
+// migration its HELLO describes can be taken (an error is sent back as ERROR, code refused),
+// then accepts the data connections — only from the same certificate, with the session token
+// WELCOME gave — and closes the listener. A connection that fails its handshake ends Accept with
+// the reason: the receiver serves one authenticated peer.
+func (l *Listener) Accept(ctx context.Context, check func(Hello) (Welcome, error)) (*Session, error) {
+	defer l.l.Close()
+	s := newSession(l.cfg, "receiver")
+	stop := context.AfterFunc(ctx, func() { l.l.Close() })
+	defer stop()
+	ctl, h, err := s.acceptOne(ctx, l.l, "control")
+	if err != nil {
+		return nil, err
+	}
+	s.ctl = ctl
+	if h.Role != "control" {
+		ctl.fr.WriteFrame(FrameError, AppendError(nil, CodeProtocol, "the first connection must be the control connection"))
+		ctl.nc.Close()
+		return nil, fmt.Errorf("link: the first connection from %s is a %s connection", ctl.nc.RemoteAddr(), h.Role)
+	}
+	if h.MaxVersion < MinProtocolVersion || h.MinVersion > ProtocolVersion {
+		msg := fmt.Sprintf("the sender speaks link protocol versions %d to %d, this receiver %d to %d", h.MinVersion, h.MaxVersion, MinProtocolVersion, ProtocolVersion)
+		ctl.fr.WriteFrame(FrameError, AppendError(nil, CodeRefused, msg))
+		ctl.nc.Close()
+		return nil, errors.New("link: " + msg)
+	}
+	w, err := check(h)
+	if err != nil {
+		ctl.fr.WriteFrame(FrameError, AppendError(nil, CodeRefused, err.Error()))
+		ctl.nc.Close()
+		return nil, err
+	}
+	w.Version = min(h.MaxVersion, ProtocolVersion)
+	var tok [16]byte
+	rand.Read(tok[:])
+	w.Session = hex.EncodeToString(tok[:])
+	if w.Connections <= 0 || w.Connections > h.Connections {
+		w.Connections = h.Connections
+	}
+	p, err := AppendWelcome(nil, w)
+	if err == nil {
+		err = ctl.fr.WriteFrame(FrameWelcome, p)
+	}
+	if err != nil {
+		ctl.nc.Close()
+		return nil, fmt.Errorf("link: answering the sender: %w", err)
+	}
+	s.Hello, s.Welcome = h, w
+	// The sender opens its data connections right after WELCOME.
+	if tl, ok := l.l.(*net.TCPListener); ok {
+		tl.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
+	}
+	seen := map[int]bool{}
+	for len(s.data) < w.Connections {
+		c, dh, err := s.acceptOne(ctx, l.l, fmt.Sprintf("data %d", len(s.data)+1))
+		if err == nil {
+			switch {
+			case dh.Role != "data" || dh.Session != w.Session:
+				err = fmt.Errorf("link: a second connection from %s that is not this link's data connection (role %q)", c.nc.RemoteAddr(), dh.Role)
+			case !bytes.Equal(c.cert, ctl.cert):
+				err = fmt.Errorf("link: a data connection from %s with another certificate than the control connection's", c.nc.RemoteAddr())
+			case seen[dh.Index] || dh.Index > w.Connections:
+				err = fmt.Errorf("link: data connection index %d twice or out of range", dh.Index)
+			}
+			if err == nil {
+				c.name = fmt.Sprintf("data %d", dh.Index)
+				c.fr.name = c.name
+				seen[dh.Index] = true
+				wp, _ := AppendWelcome(nil, Welcome{Version: w.Version})
+				err = c.fr.WriteFrame(FrameWelcome, wp)
+			}
+			if err != nil {
+				c.nc.Close()
+			}
+		}
+		if err != nil {
+			ctl.fr.WriteFrame(FrameError, AppendError(nil, CodeProtocol, err.Error()))
+			s.closeConns(false)
+			return nil, err
+		}
+		s.data = append(s.data, c)
+	}
+	s.pending = map[uint64]Frame{}
+	s.next = 1
+	s.start()
+	for _, c := range s.data {
+		s.wg.Add(1)
+		go s.readData(c)
+	}
+	return s, nil
+}
+
+// acceptOne accepts one connection, completes TLS and reads its HELLO.
+func (s *Session) acceptOne(ctx context.Context, l net.Listener, name string) (*conn, Hello, error) {
+	var h Hello
+	nc, err := l.Accept()
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, h, fmt.Errorf("link: waiting for the sender: %w", context.Cause(ctx))
+		}
+		return nil, h, fmt.Errorf("link: accepting: %w", err)
+	}
+	nc.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
+	c := &conn{name: name, nc: nc}
+	if s.cfg.TLS != nil {
+		tc := tls.Server(nc, s.cfg.TLS)
+		hctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			nc.Close()
+			return nil, h, fmt.Errorf("link: TLS with %s: %w", nc.RemoteAddr(), explainHandshake("receiver", err))
+		}
+		if pcs := tc.ConnectionState().PeerCertificates; len(pcs) > 0 {
+			c.cert = pcs[0].Raw
+		}
+		c.nc = tc
+	}
+	c.fr = NewFramer(name, c.nc, c.nc)
+	f, err := c.fr.ReadFrame()
+	if err == nil && f.Type != FrameHello {
+		err = &ProtocolError{Conn: name, Offset: f.Offset, Type: f.Type, Err: errors.New("expected HELLO")}
+	}
+	if err == nil {
+		h, err = ParseHello(f.Payload)
+	}
+	if err != nil {
+		c.nc.Close()
+		return nil, h, fmt.Errorf("link: first frame from %s: %w", nc.RemoteAddr(), err)
+	}
+	nc.SetDeadline(time.Time{})
+	return c, h, nil
+}
+
+func (s *Session) readData(c *conn) {
+	defer s.wg.Done()
+	var last uint64
+	for {
+		f, err := c.fr.ReadFrame()
+		if err != nil {
+			select {
+			case <-s.done:
+			default:
+				if err == io.EOF {
+					err = fmt.Errorf("the sender closed the %s connection", c.name)
+				}
+				s.fail(fmt.Errorf("link: %w", err))
+			}
+			return
+		}
+		if !f.Type.IsData() {
+			s.fail(&ProtocolError{Conn: c.name, Offset: f.Offset, Type: f.Type, Err: errors.New("a control frame on a data connection")})
+			return
+		}
+		seq := f.Seq()
+		if len(f.Payload) < 8 || seq <= last {
+			s.fail(&ProtocolError{Conn: c.name, Offset: f.Offset, Type: f.Type, Err: fmt.Errorf("sequence number %d after %d on this connection", seq, last)})
+			return
+		}
+		last = seq
+		s.received.Add(int64(HeaderSize + len(f.Payload)))
+		f.Payload = s.own(f.Payload)
+		if !s.hold(seq, f) {
+			return
+		}
+	}
+}
+
+// own copies a frame's payload out of the Framer's buffer into a pooled one.
+func (s *Session) own(p []byte) []byte {
+	var b []byte
+	if v := s.pool.Get(); v != nil {
+		b = v.([]byte)
+	}
+	if cap(b) < len(p) {
+		b = make([]byte, 0, max(len(p), 256<<10))
+	}
+	return append(b[:0], p...)
+}
+
+// hold puts a frame into the reorder window, waiting while the window is full unless it is
+// the next frame due (which always fits: so connections cannot block each other).
+func (s *Session) hold(seq uint64, f Frame) bool {
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	for seq != s.next && s.held+len(f.Payload) > s.cfg.Window {
+		select {
+		case <-s.done:
+			return false
+		default:
+		}
+		s.rcond.Wait()
+	}
+	if seq < s.next || s.pending[seq].Type != 0 {
+		s.rmu.Unlock()
+		s.fail(fmt.Errorf("link: data frame %d received twice", seq))
+		s.rmu.Lock()
+		return false
+	}
+	s.pending[seq] = f
+	s.held += len(f.Payload)
+	s.rcond.Broadcast()
+	return true
+}
+
+// NextData returns the next data frame in sequence order, waiting for it until deadline (zero:
+// no deadline beyond the session's). The payload is the caller's until it passes the frame to
+// ReleaseData.
+func (s *Session) NextData(deadline time.Time) (Frame, error) {
+	var timer *time.Timer
+	if !deadline.IsZero() {
+		timer = time.AfterFunc(time.Until(deadline), func() {
+			s.rmu.Lock()
+			s.rcond.Broadcast()
+			s.rmu.Unlock()
+		})
+		defer timer.Stop()
+	}
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	for {
+		if f, ok := s.pending[s.next]; ok {
+			delete(s.pending, s.next)
+			s.held -= len(f.Payload)
+			s.applied.Store(s.next)
+			s.next++
+			s.rcond.Broadcast()
+			return f, nil
+		}
+		select {
+		case <-s.done:
+			if err := s.Err(); err != nil {
+				return Frame{}, err
+			}
+			return Frame{}, errors.New("link: closed")
+		default:
+		}
+		if !deadline.IsZero() && !time.Now().Before(deadline) {
+			return Frame{}, fmt.Errorf("%w: data frame %d did not arrive in time (%d frames held)", ErrTimeout, s.next, len(s.pending))
+		}
+		s.rcond.Wait()
+	}
+}
+
+// ReleaseData gives a frame's payload back for reuse.
+func (s *Session) ReleaseData(f Frame) {
+	if cap(f.Payload) > 0 {
+		s.pool.Put(f.Payload[:0])
+	}
+}

@@ -1,0 +1,587 @@
+package savevm
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/zeebo/xxh3"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/link"
+	"github.com/qemu-migrate-go/qemu-migrate-go/stream"
+)
+
+// LinkOptions configure the sending end of a link (NewLinkRelay).
+type LinkOptions struct {
+	// Compress is "auto" (default: per batch, by how busy the link is), "none", "zstd", "s2" or
+	// "lz4".
+	Compress string
+	// Workers hash-and-compress goroutines (default GOMAXPROCS).
+	Workers int
+	// CompleteTimeout bounds each step of the completion handshake (READY, DELIVERED);
+	// default 30 s.
+	CompleteTimeout time.Duration
+}
+
+// LinkSummary is what the link did, in Summary.Link.
+type LinkSummary struct {
+	Connections int   `json:"connections"`
+	BytesOnLink int64 `json:"bytes_on_link"` // data frames written to the link
+	// Pages the destination already held with the same content (not sent), and zero pages it
+	// already held as zero.
+	PagesSkipped int64 `json:"pages_skipped"`
+	ZeroSkipped  int64 `json:"zero_skipped"`
+	// PageBytes: page data put into batches (before compression); Frames by codec.
+	PageBytes int64            `json:"page_bytes"`
+	Frames    map[string]int64 `json:"frames"`
+}
+
+// NewLinkRelay prepares a migration from src (the source QEMU's connection) over an established
+// link session: the engine's output is the link instead of a QEMU stream, and the receiving
+// sidecar's engine writes the stream for its QEMU (design.md "Two sidecars"). The session is
+// the caller's to close; an aborted relay aborts it.
+func NewLinkRelay(src io.ReadCloser, s *link.Session, ctl Control, opt Options, lo LinkOptions) (*Relay, error) {
+	chooser, err := link.NewChooser(lo.Compress)
+	if err != nil {
+		return nil, err
+	}
+	if lo.Workers <= 0 {
+		lo.Workers = defaultWorkers()
+	}
+	if lo.CompleteTimeout <= 0 {
+		lo.CompleteTimeout = 30 * time.Second
+	}
+	r := NewRelay(src, linkAborter{s}, ctl, opt)
+	r.newLinkOutput = func(r *Relay) output { return newLinkOutput(r, s, chooser, lo) }
+	r.linkBytes = s.BytesSent
+	return r, nil
+}
+
+// linkAborter lets the relay's abort reach the link: the receiver then resets its QEMU.
+type linkAborter struct{ s *link.Session }
+
+func (a linkAborter) Write(p []byte) (int, error) { return 0, errors.New("not a stream destination") }
+func (a linkAborter) Close() error                { return nil }
+func (a linkAborter) Abort()                      { a.s.Abort(link.CodeSource, "the sending sidecar gave up") }
+
+// linkOutput turns the source's records into link frames (PROTOCOL.md §2.2): page records
+// into PAGES batches — leaving out what the destination already holds (content hash per
+// page) and compressed on worker goroutines —, the stream's structure into SECTION, MEMSIZE,
+// SECTION_END and COMMAND frames, and the device tail exactly as QEMU made it into DEVICE
+// frames. Frames leave in stream order: a dispatcher sends each one once it is encoded.
+type linkOutput struct {
+	r   *Relay
+	s   *link.Session
+	lo  LinkOptions
+	seq uint64
+
+	chooser *link.Chooser
+	work    chan *slot // batches to encode
+	order   chan *slot // every frame, in sequence order
+	wg      sync.WaitGroup
+	sendErr atomic.Pointer[error]
+	slots   sync.Pool
+	bufs    sync.Pool
+
+	hdr struct{ magic, version uint32 }
+	// RAM: blocks by name (MEMSIZE order), what the destination holds per page, the batch
+	// being filled.
+	blocks  map[string]int
+	held    []pageHashes
+	batch   *slot
+	seed    uint64
+	zero    xxh3.Uint128
+	scratch [link.PageSize]byte
+	inflate stream.Inflater
+	eosFor  uint32 // the ram section whose EOS was read: its footer makes SECTION_END
+	eos     bool
+	ended   bool // END is out
+	// delivered is the receiver's DELIVERED.
+	delivered link.Delivered
+
+	// Device state, collected into DEVICE frames.
+	devW    *stream.Writer
+	devBuf  devBuffer
+	devSent int64 // device bytes already in DEVICE frames
+
+	stats struct {
+		skipped, zeroSkipped, pageBytes atomic.Int64
+		frames                          [4]atomic.Int64
+	}
+}
+
+// pageHashes is what the destination holds for each page of a block: a content hash, valid
+// where the known bit is set.
+type pageHashes struct {
+	hash  []xxh3.Uint128
+	known []uint64
+}
+
+// slot is one frame on its way: a ready encoding, or a batch for a worker to encode.
+type slot struct {
+	seq   uint64
+	buf   []byte
+	batch link.Batch
+	pages bool // buf is to be made from batch
+	ready chan struct{}
+}
+
+// Frame sizes of the sender: a batch is sent at 256 KiB of page data (64 pages; larger batches
+// compress no better), device state in frames of 256 KiB. With the queues below, what is in
+// flight stays a few MiB whatever the guest size.
+const (
+	batchBytes   = 256 << 10
+	devFrameSize = 256 << 10
+	bigBuf       = batchBytes + 16<<10
+)
+
+func defaultWorkers() int { return max(1, min(4, runtime.GOMAXPROCS(0))) }
+
+func newLinkOutput(r *Relay, s *link.Session, chooser *link.Chooser, lo LinkOptions) *linkOutput {
+	o := &linkOutput{r: r, s: s, lo: lo, chooser: chooser, blocks: map[string]int{},
+		work: make(chan *slot, lo.Workers), order: make(chan *slot, 2*lo.Workers+2)}
+	var seed [8]byte
+	rand.Read(seed[:])
+	o.seed = binary.LittleEndian.Uint64(seed[:])
+	o.zero = xxh3.Hash128Seed(make([]byte, link.PageSize), o.seed)
+	o.slots.New = func() any { return &slot{ready: make(chan struct{}, 1)} }
+	s.SetRelease(func(b []byte) {
+		if cap(b) >= bigBuf {
+			o.bufs.Put(b[:0])
+		}
+	})
+	o.devW = stream.NewWriter(&o.devBuf, stream.WithBatchSize(devFrameSize))
+	for i := 0; i < lo.Workers; i++ {
+		o.wg.Add(1)
+		go o.encode()
+	}
+	o.wg.Add(1)
+	go o.dispatch()
+	return o
+}
+
+func (o *linkOutput) written() int64 { return o.s.BytesSent() }
+
+func (o *linkOutput) buf() []byte {
+	if v := o.bufs.Get(); v != nil {
+		return v.([]byte)
+	}
+	return make([]byte, 0, bigBuf)
+}
+
+// small returns a buffer for a small frame (structure).
+func small(n int) []byte { return make([]byte, 0, n+32) }
+
+// encode is a worker: it hashes nothing (the engine did) but compresses batches.
+func (o *linkOutput) encode() {
+	defer o.wg.Done()
+	enc := link.NewEncoder()
+	for sl := range o.work {
+		var c link.Codec
+		sl.buf, c = enc.AppendPages(o.buf(), sl.seq, &sl.batch, o.chooser.Pick(o.s.Busy()))
+		o.stats.frames[c].Add(1)
+		sl.ready <- struct{}{}
+	}
+}
+
+// dispatch sends the frames in sequence order as they become ready.
+func (o *linkOutput) dispatch() {
+	defer o.wg.Done()
+	for sl := range o.order {
+		<-sl.ready
+		if o.sendErr.Load() == nil {
+			if err := o.s.SendData(sl.buf); err != nil {
+				o.sendErr.Store(&err)
+			}
+		}
+		sl.buf = nil
+		sl.batch.Reset(0)
+		o.slots.Put(sl)
+	}
+}
+
+// err is the first send error, as a DestinationError.
+func (o *linkOutput) err() error {
+	if e := o.sendErr.Load(); e != nil {
+		return &DestinationError{Err: fmt.Errorf("link: %w", *e)}
+	}
+	return nil
+}
+
+// submit queues a frame that is already encoded.
+func (o *linkOutput) submit(b []byte) error {
+	sl := o.slots.Get().(*slot)
+	sl.buf = b
+	sl.ready <- struct{}{}
+	return o.enqueue(sl)
+}
+
+func (o *linkOutput) enqueue(sl *slot) error {
+	if err := o.err(); err != nil {
+		return err
+	}
+	select {
+	case o.order <- sl:
+	case <-o.s.Done():
+		return &DestinationError{Err: fmt.Errorf("link: %w", orClosed(o.s.Err()))}
+	}
+	return nil
+}
+
+func orClosed(err error) error {
+	if err == nil {
+		return errors.New("closed")
+	}
+	return err
+}
+
+func (o *linkOutput) next() uint64 { o.seq++; return o.seq }
+
+// flushBatch sends the batch being filled, if any.
+func (o *linkOutput) flushBatch() error {
+	sl := o.batch
+	if sl == nil {
+		return nil
+	}
+	o.batch = nil
+	if sl.batch.Len() == 0 {
+		o.slots.Put(sl)
+		return nil
+	}
+	sl.seq = o.next()
+	o.stats.pageBytes.Add(int64(len(sl.batch.Data)))
+	if err := o.enqueue(sl); err != nil {
+		return err
+	}
+	o.work <- sl
+	return nil
+}
+
+func (o *linkOutput) handle(rec *stream.Record) error {
+	if rec.Depth != 0 {
+		return fmt.Errorf("link: PACKAGED (postcopy) streams cannot be sent over the link yet (offset %d)", rec.Offset)
+	}
+	switch rec.Kind {
+	case stream.KindHeader:
+		o.hdr.magic, o.hdr.version = rec.Magic, rec.Version
+		return nil
+	case stream.KindConfiguration:
+		if rec.Config.HasCapability(stream.CapMappedRAM) {
+			return fmt.Errorf("link: a mapped-ram stream (file: migration) cannot be sent over the link")
+		}
+		raw := rec.Config.Raw
+		if raw == nil {
+			return fmt.Errorf("link: configuration at offset %d: no raw bytes", rec.Offset)
+		}
+		return o.submit(link.Begin{Seq: o.next(), Magic: o.hdr.magic, Version: o.hdr.version, Config: raw}.Append(small(len(raw))))
+	case stream.KindSectionStart, stream.KindSectionPart, stream.KindSectionEnd:
+		if err := o.flushBatch(); err != nil {
+			return err
+		}
+		sec := link.Section{Seq: o.next(), Type: uint8(rec.Kind-stream.KindSectionStart) + link.StartSection, ID: rec.Section.ID}
+		if rec.Kind == stream.KindSectionStart {
+			sec.Idstr, sec.Instance, sec.Version = rec.Section.Idstr, rec.Section.Instance, rec.Section.Version
+		}
+		return o.submit(sec.Append(small(len(sec.Idstr) + 16)))
+	case stream.KindRAM:
+		return o.ram(rec)
+	case stream.KindFooter:
+		if o.eos && rec.Section.ID == o.eosFor {
+			o.eos = false
+			return o.submit(link.SectionEnd{Seq: o.next(), ID: rec.Section.ID}.Append(small(16)))
+		}
+		return o.device(rec)
+	case stream.KindSectionFull:
+		return o.device(rec)
+	case stream.KindCommand:
+		if err := o.flushBatch(); err != nil {
+			return err
+		}
+		switch rec.Cmd {
+		case stream.CmdSwitchoverStart:
+			return o.submit(link.Command{Seq: o.next(), Cmd: uint16(rec.Cmd), Payload: rec.Payload}.Append(small(len(rec.Payload) + 16)))
+		}
+		return fmt.Errorf("link: command %s at offset %d cannot be sent over the link yet", rec.Cmd, rec.Offset)
+	case stream.KindEOF:
+		return o.flushDevice()
+	case stream.KindVMDesc:
+		if err := o.flushDevice(); err != nil {
+			return err
+		}
+		b := link.End{Seq: o.next(), HasVMDesc: true, VMDesc: rec.JSON}.Append(make([]byte, 0, len(rec.JSON)+32))
+		o.ended = true
+		return o.submit(b)
+	}
+	return fmt.Errorf("link: unexpected %s record at offset %d", rec.Kind, rec.Offset)
+}
+
+// ram handles one record of the ram section body.
+func (o *linkOutput) ram(rec *stream.Record) error {
+	r := &rec.RAM
+	switch r.Flags &^ stream.RAMContinue {
+	case stream.RAMMemSize:
+		return o.memSize(rec)
+	case stream.RAMEOS:
+		o.eos, o.eosFor = true, rec.Section.ID
+		return o.flushBatch()
+	case stream.RAMMultifdFlush:
+		return nil // a multifd sync of the source; the receiver writes a plain stream
+	case stream.RAMPage:
+		return o.page(r.Block, r.Offset, r.Data)
+	case stream.RAMCompressPage:
+		n, err := o.inflate.Inflate(o.scratch[:], r.Data)
+		if err != nil || n != len(o.scratch) {
+			return fmt.Errorf("ram: COMPRESS_PAGE at offset %d of %q: inflating: %v", r.Offset, r.Block, err)
+		}
+		return o.page(r.Block, r.Offset, o.scratch[:])
+	case stream.RAMZero:
+		if r.Fill != 0 {
+			for i := range o.scratch {
+				o.scratch[i] = r.Fill
+			}
+			return o.page(r.Block, r.Offset, o.scratch[:])
+		}
+		b, idx, err := o.target(r.Block, r.Offset)
+		if err != nil {
+			return err
+		}
+		if o.holds(b, idx, o.zero) {
+			o.stats.zeroSkipped.Add(1)
+			return nil
+		}
+		sl, err := o.batchFor(b)
+		if err != nil {
+			return err
+		}
+		sl.batch.Zero(r.Offset)
+		return nil
+	case stream.RAMXBZRLE:
+		b, idx, err := o.target(r.Block, r.Offset)
+		if err != nil {
+			return err
+		}
+		o.held[b].known[idx/64] &^= 1 << (idx % 64) // a delta: the new content is not known here
+		sl, err := o.batchFor(b)
+		if err != nil {
+			return err
+		}
+		sl.batch.XBZRLE(r.Offset, r.Data)
+		return nil
+	}
+	return fmt.Errorf("link: ram record %s at offset %d cannot be sent over the link", r.Flags, rec.Offset)
+}
+
+// page sends a full page unless the destination holds the same content.
+func (o *linkOutput) page(block string, off uint64, data []byte) error {
+	b, idx, err := o.target(block, off)
+	if err != nil {
+		return err
+	}
+	if o.holds(b, idx, xxh3.Hash128Seed(data, o.seed)) {
+		o.stats.skipped.Add(1)
+		return nil
+	}
+	sl, err := o.batchFor(b)
+	if err != nil {
+		return err
+	}
+	sl.batch.Page(off, data)
+	return nil
+}
+
+// holds reports whether the destination's page idx of block b has content h, and records that
+// it will have it from now on.
+func (o *linkOutput) holds(b int, idx uint64, h xxh3.Uint128) bool {
+	ph := &o.held[b]
+	w, bit := idx/64, uint64(1)<<(idx%64)
+	if ph.known[w]&bit != 0 && ph.hash[idx] == h {
+		return true
+	}
+	ph.known[w] |= bit
+	ph.hash[idx] = h
+	return false
+}
+
+// target resolves a page to its block index and page number.
+func (o *linkOutput) target(block string, off uint64) (int, uint64, error) {
+	b, ok := o.blocks[block]
+	if !ok {
+		return 0, 0, fmt.Errorf("link: page of block %q, which MEM_SIZE did not list", block)
+	}
+	idx := off / link.PageSize
+	if idx >= uint64(len(o.held[b].hash)) {
+		return 0, 0, fmt.Errorf("link: page at 0x%x beyond block %q", off, block)
+	}
+	return b, idx, nil
+}
+
+// batchFor returns the batch being filled for block b, sending the current one first when it
+// is for another block or full.
+func (o *linkOutput) batchFor(b int) (*slot, error) {
+	if sl := o.batch; sl != nil && (int(sl.batch.Block) != b || sl.batch.Full() || len(sl.batch.Data) >= batchBytes) {
+		if err := o.flushBatch(); err != nil {
+			return nil, err
+		}
+	}
+	if o.batch == nil {
+		o.batch = o.slots.Get().(*slot)
+		o.batch.pages = true
+		o.batch.batch.Reset(uint16(b))
+	}
+	return o.batch, nil
+}
+
+func (o *linkOutput) memSize(rec *stream.Record) error {
+	var ms link.MemSize
+	ms.Seq = o.next()
+	for _, b := range rec.RAM.Blocks {
+		if b.HasMappedRAM {
+			return fmt.Errorf("link: mapped-ram block %q cannot be sent over the link", b.Name)
+		}
+		if _, dup := o.blocks[b.Name]; dup {
+			return fmt.Errorf("link: block %q listed twice in MEM_SIZE", b.Name)
+		}
+		if len(ms.Blocks) >= link.MaxBlocks {
+			return fmt.Errorf("link: more than %d RAM blocks", link.MaxBlocks)
+		}
+		o.blocks[b.Name] = len(ms.Blocks)
+		pages := (b.UsedLength + link.PageSize - 1) / link.PageSize
+		o.held = append(o.held, pageHashes{hash: make([]xxh3.Uint128, pages), known: make([]uint64, (pages+63)/64)})
+		ms.Blocks = append(ms.Blocks, link.Block{Name: b.Name, UsedLength: b.UsedLength,
+			HasPageSize: b.HasPageSize, PageSize: b.PageSize, HasGPA: b.HasGPA, GPA: b.GPA})
+	}
+	return o.submit(ms.Append(small(64 * len(ms.Blocks))))
+}
+
+// device adds a record of the device tail (a FULL section or its footer) to the DEVICE frame
+// being filled, exactly as QEMU wrote it.
+func (o *linkOutput) device(rec *stream.Record) error {
+	if err := o.devW.WriteRecord(rec); err != nil {
+		return err
+	}
+	if o.devW.Offset()-o.devSent >= devFrameSize {
+		return o.flushDevice()
+	}
+	return nil
+}
+
+// flushDevice sends the device bytes collected so far as one or more DEVICE frames.
+func (o *linkOutput) flushDevice() error {
+	if err := o.devW.Flush(); err != nil {
+		return err
+	}
+	rest := o.devBuf.b
+	for len(rest) > 0 {
+		n := min(len(rest), devFrameSize)
+		b := append(link.AppendDeviceHeader(o.buf(), o.next()), rest[:n]...)
+		link.SetHeaderLength(b)
+		rest = rest[n:]
+		o.devSent += int64(n)
+		if err := o.submit(b); err != nil {
+			return err
+		}
+	}
+	o.devBuf.b = o.devBuf.b[:0]
+	return nil
+}
+
+// devBuffer collects the device Writer's output.
+type devBuffer struct{ b []byte }
+
+func (d *devBuffer) Write(p []byte) (int, error) {
+	d.b = append(d.b, p...)
+	return len(p), nil
+}
+
+// finish completes the link (PROTOCOL.md §5): every frame sent, the receiver READY, COMMIT,
+// and DELIVERED back. Only then may the source complete.
+func (o *linkOutput) finish() error {
+	if !o.ended {
+		return fmt.Errorf("link: the source stream ended without a vmdesc after EOF")
+	}
+	o.closeWorkers()
+	if err := o.err(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), o.lo.CompleteTimeout)
+	defer cancel()
+	if err := o.s.Drain(ctx); err != nil {
+		return &DestinationError{Err: fmt.Errorf("link: sending the last frames: %w", err)}
+	}
+	if _, err := o.await(link.FrameReady, o.lo.CompleteTimeout); err != nil {
+		return err
+	}
+	if err := o.s.SendControl(link.FrameCommit, nil); err != nil {
+		return &DestinationError{Err: fmt.Errorf("link: COMMIT: %w", err)}
+	}
+	f, err := o.await(link.FrameDelivered, o.lo.CompleteTimeout)
+	if err != nil {
+		// COMMIT is out: the receiver may have completed its QEMU's stream. The source must
+		// not be resumed now (PROTOCOL.md §5, step 4).
+		return &UncertainError{Err: err}
+	}
+	var d link.Delivered
+	json.Unmarshal(f.Payload, &d)
+	o.delivered = d
+	o.r.mu.Lock()
+	o.r.sum.Link = o.summary()
+	o.r.mu.Unlock()
+	return nil
+}
+
+// await waits for one control frame from the receiver.
+func (o *linkOutput) await(t link.FrameType, timeout time.Duration) (link.Frame, error) {
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	select {
+	case f := <-o.s.Control():
+		if f.Type != t {
+			return f, &DestinationError{Err: fmt.Errorf("link: the receiver sent %s, expected %s", f.Type, t)}
+		}
+		return f, nil
+	case <-o.s.Done():
+		return link.Frame{}, &DestinationError{Err: fmt.Errorf("link: waiting for %s: %w", t, orClosed(o.s.Err()))}
+	case <-timer.C:
+		return link.Frame{}, &DestinationError{Err: fmt.Errorf("link: no %s from the receiver within %v", t, timeout)}
+	}
+}
+
+func (o *linkOutput) summary() *LinkSummary {
+	ls := &LinkSummary{Connections: o.s.Connections(), BytesOnLink: o.s.BytesSent(),
+		PagesSkipped: o.stats.skipped.Load(), ZeroSkipped: o.stats.zeroSkipped.Load(),
+		PageBytes: o.stats.pageBytes.Load(), Frames: map[string]int64{}}
+	for c := range o.stats.frames {
+		if n := o.stats.frames[c].Load(); n > 0 {
+			ls.Frames[link.Codec(c).String()] = n
+		}
+	}
+	return ls
+}
+
+func (o *linkOutput) closeWorkers() {
+	if o.work == nil {
+		return
+	}
+	close(o.work)
+	close(o.order)
+	o.wg.Wait()
+	o.work = nil
+}
+
+func (o *linkOutput) close() { o.closeWorkers() }
+
+// UncertainError is a link failure after COMMIT and before DELIVERED: the receiver may or may
+// not have completed its QEMU's stream. The source is completed (never resumed) and the
+// operator is told to look at the destination.
+type UncertainError struct{ Err error }
+
+func (e *UncertainError) Error() string { return e.Err.Error() }
+func (e *UncertainError) Unwrap() error { return e.Err }
