@@ -112,3 +112,112 @@ func Load(t testing.TB, name string) []byte {
 	t.Helper()
 	return Read(t, filepath.Join(Dir(), name+".bin.gz"))
 }
+
+// PostcopyDir is testdata/streams/postcopy: the postcopy captures (make testdata, or
+// `go run ./compat/cmd/mktestdata -postcopy`). They are kept apart from the precopy captures of
+// Dir, which every package's tests treat as complete precopy streams with a vmdesc: a postcopy
+// stream has none, and a capture has several files (return path, preempt channel, the
+// connections of a recovery).
+func PostcopyDir() string { return filepath.Join(Dir(), "postcopy") }
+
+// Postcopy file keys of PostcopyMeta.Files.
+const (
+	PostcopyMain          = "main"           // source → destination, the main connection
+	PostcopyRP            = "rp"             // destination → source on it: the return path
+	PostcopyPreempt       = "preempt"        // the postcopy-preempt channel
+	PostcopyResume        = "resume"         // main connection opened by a postcopy recovery
+	PostcopyResumeRP      = "resume-rp"      // its return path
+	PostcopyResumePreempt = "resume-preempt" // the preempt channel after the recovery
+)
+
+// PostcopyRAM are the source's query-migrate ram counters of a postcopy capture.
+type PostcopyRAM struct {
+	Normal           int64 `json:"normal"`
+	Duplicate        int64 `json:"duplicate"`
+	Transferred      int64 `json:"transferred"`
+	DirtySyncCount   int64 `json:"dirty-sync-count"`
+	PostcopyRequests int64 `json:"postcopy-requests"`
+}
+
+// PostcopyMeta is NAME.json of a postcopy capture, written by compat/cmd/mktestdata.
+type PostcopyMeta struct {
+	Name                   string            `json:"name"`
+	Note                   string            `json:"note"`
+	QEMU                   string            `json:"qemu"`
+	CommandLine            string            `json:"command_line"`
+	DestinationCommandLine string            `json:"destination_command_line"`
+	Capabilities           map[string]bool   `json:"capabilities"`
+	Parameters             map[string]any    `json:"parameters"`
+	Files                  map[string]string `json:"files"`  // key (PostcopyMain, …) → file name
+	Events                 []string          `json:"events"` // what the generator did, in order
+	RAM                    PostcopyRAM       `json:"ram"`    // the source's final counters
+	AtCut                  *PostcopyRAM      `json:"ram_at_cut"`
+	Status                 string            `json:"status"`
+	DestinationStatus      string            `json:"destination_status"`
+}
+
+// PostcopyCapture is one recorded postcopy migration (see PostcopyDir).
+type PostcopyCapture struct {
+	Name string
+	Meta PostcopyMeta
+}
+
+// Path returns the file recorded for key (PostcopyMain, PostcopyRP, …), "" if there is none.
+func (c PostcopyCapture) Path(key string) string {
+	if f, ok := c.Meta.Files[key]; ok {
+		return filepath.Join(PostcopyDir(), f)
+	}
+	return ""
+}
+
+// Read returns the bytes recorded for key, nil if the capture has no such file.
+func (c PostcopyCapture) Read(t testing.TB, key string) []byte {
+	t.Helper()
+	if p := c.Path(key); p != "" {
+		return Read(t, p)
+	}
+	return nil
+}
+
+// PostcopyCaptures lists every postcopy capture; like Captures it fails the test when there is
+// none, or when a file its .json names is missing.
+func PostcopyCaptures(t testing.TB) []PostcopyCapture {
+	t.Helper()
+	metas, _ := filepath.Glob(filepath.Join(PostcopyDir(), "*.json"))
+	var out []PostcopyCapture
+	for _, m := range metas {
+		b, err := os.ReadFile(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := PostcopyCapture{Name: strings.TrimSuffix(filepath.Base(m), ".json")}
+		if err := json.Unmarshal(b, &c.Meta); err != nil {
+			t.Fatalf("%s: %v", m, err)
+		}
+		if c.Meta.Files[PostcopyMain] == "" || c.Meta.Files[PostcopyRP] == "" {
+			t.Fatalf("%s: no main stream or return path listed", m)
+		}
+		for _, f := range c.Meta.Files {
+			if _, err := os.Stat(filepath.Join(PostcopyDir(), f)); err != nil {
+				t.Fatalf("%s: %v", m, err)
+			}
+		}
+		out = append(out, c)
+	}
+	if len(out) == 0 {
+		t.Fatalf("no postcopy captures in %s (make testdata)", PostcopyDir())
+	}
+	return out
+}
+
+// LoadPostcopy returns the postcopy capture called name ("postcopy-7.2").
+func LoadPostcopy(t testing.TB, name string) PostcopyCapture {
+	t.Helper()
+	for _, c := range PostcopyCaptures(t) {
+		if c.Name == name {
+			return c
+		}
+	}
+	t.Fatalf("no postcopy capture %q in %s", name, PostcopyDir())
+	return PostcopyCapture{}
+}
