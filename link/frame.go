@@ -170,10 +170,12 @@ func (fr *Framer) ReadFrame() (Frame, error) {
 	}
 	t := FrameType(fr.hdr[0])
 	n := binary.BigEndian.Uint32(fr.hdr[1:])
+	if fr.hdr[0] == 0x16 && fr.hdr[1] == 0x03 {
+		// A TLS handshake record (0x16, version 0x03xx). No frame can start so: 0x16 is DEVICE,
+		// whose length would then be at least 48 MiB, over MaxPayload (PROTOCOL.md §1).
+		return fail(0, errors.New("the peer speaks TLS (a TLS handshake record) but this side has --no-tls: start both sides with TLS or both with --no-tls"))
+	}
 	if !t.Known() {
-		if fr.hdr[0] == 0x16 && fr.hdr[1] == 0x03 {
-			return fail(0, errors.New("the peer speaks TLS (a TLS handshake record) but this side has --no-tls: start both sides with TLS or both with --no-tls"))
-		}
 		return fail(0, fmt.Errorf("unknown frame type 0x%02x (length %d)", fr.hdr[0], n))
 	}
 	if max := MaxPayloadOf(t); n > uint32(max) {

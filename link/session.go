@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -54,8 +55,12 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
-// ErrTimeout is wrapped when a peer stayed silent past Config.Timeout.
+// ErrTimeout is wrapped when a peer stayed silent past Config.Timeout: it is dead, or the link.
 var ErrTimeout = errors.New("link timeout")
+
+// ErrStalled is wrapped when NextData's deadline passed while the peer is alive: the stream
+// itself stalled.
+var ErrStalled = errors.New("link stalled")
 
 var errEOF = io.EOF
 
@@ -154,6 +159,25 @@ func (s *Session) closeConns(graceful bool) {
 	}
 }
 
+// prefixed makes sure an error of this package says "link:" once.
+func prefixed(err error) error {
+	if strings.HasPrefix(err.Error(), "link: ") {
+		return err
+	}
+	return fmt.Errorf("link: %w", err)
+}
+
+// failSoon ends the session with err unless the control connection explains the failure
+// first: a peer that gives up sends ERROR on the control connection and then closes every
+// connection, and its data connections may close here before the ERROR is read.
+func (s *Session) failSoon(err error) {
+	select {
+	case <-s.done:
+	case <-time.After(250 * time.Millisecond):
+		s.fail(err)
+	}
+}
+
 // Abort tells the peer why (an ERROR frame, bounded by a short deadline) and ends the session.
 func (s *Session) Abort(code ErrorCode, msg string) {
 	select {
@@ -230,9 +254,9 @@ func (s *Session) readControl() {
 			case <-s.done:
 			default:
 				if err == io.EOF {
-					err = errors.New("the peer closed the control connection")
+					err = errors.New("link: the peer closed the control connection")
 				}
-				s.fail(fmt.Errorf("link: %w", err))
+				s.fail(prefixed(err))
 			}
 			return
 		}
@@ -648,14 +672,10 @@ func (s *Session) readData(c *conn) {
 	for {
 		f, err := c.fr.ReadFrame()
 		if err != nil {
-			select {
-			case <-s.done:
-			default:
-				if err == io.EOF {
-					err = fmt.Errorf("the sender closed the %s connection", c.name)
-				}
-				s.fail(fmt.Errorf("link: %w", err))
+			if err == io.EOF {
+				err = fmt.Errorf("link: the sender closed the %s connection", c.name)
 			}
+			s.failSoon(prefixed(err))
 			return
 		}
 		if !f.Type.IsData() {
@@ -746,7 +766,7 @@ func (s *Session) NextData(deadline time.Time) (Frame, error) {
 		default:
 		}
 		if !deadline.IsZero() && !time.Now().Before(deadline) {
-			return Frame{}, fmt.Errorf("%w: data frame %d did not arrive in time (%d frames held)", ErrTimeout, s.next, len(s.pending))
+			return Frame{}, fmt.Errorf("%w: data frame %d did not arrive in time (%d frames held)", ErrStalled, s.next, len(s.pending))
 		}
 		s.rcond.Wait()
 	}

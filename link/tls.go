@@ -67,8 +67,11 @@ func ClientTLS(f TLSFiles, host string) (*tls.Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert},
-		RootCAs: pool, ServerName: host}, nil
+	// Always present the certificate, even when the receiver's CA list does not name its
+	// issuer (Go's client would then send none): the receiver's error can then say exactly
+	// what is wrong with it.
+	return &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, ServerName: host,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }}, nil
 }
 
 // ServerTLS is the receiver's configuration: TLS 1.3, its own certificate, and a client
@@ -136,30 +139,45 @@ func explainHandshake(side string, err error) error {
 		}
 		return fmt.Errorf("%s certificate is not acceptable: %v", who, explainX509(ve.Err))
 	}
-	var ae tls.AlertError
-	if errors.As(err, &ae) {
+	if alert, ok := remoteAlert(err); ok {
 		// The peer refused us: the alert says which of our credentials it did not like.
 		who := "the receiver"
 		if side == "receiver" {
 			who = "the sender"
 		}
-		msg := err.Error()
-		switch {
-		case strings.Contains(msg, "certificate required"):
+		switch alert {
+		case "certificate required":
 			return fmt.Errorf("%s requires a client certificate and this side sent none (give --tls-cert and --tls-key): %v", who, err)
-		case strings.Contains(msg, "unknown certificate authority"), strings.Contains(msg, "bad certificate"),
-			strings.Contains(msg, "certificate expired"), strings.Contains(msg, "unsupported certificate"),
-			strings.Contains(msg, "certificate unknown"):
-			return fmt.Errorf("%s refused this side's certificate (not signed by its --tls-ca, expired, or not the --tls-peer it pins): %v", who, err)
+		case "unknown certificate authority", "bad certificate", "certificate expired", "expired certificate",
+			"unsupported certificate", "certificate unknown", "certificate revoked":
+			return fmt.Errorf("%s refused this side's certificate (%s: not signed by its --tls-ca, expired or not yet valid, or not the --tls-peer it pins): %v", who, alert, err)
 		}
-		return fmt.Errorf("%s ended the TLS handshake: %v", who, err)
+		return fmt.Errorf("%s ended the TLS handshake (%s): %v", who, alert, err)
+	}
+	if side == "receiver" && strings.Contains(err.Error(), "client didn't provide a certificate") {
+		return fmt.Errorf("the sender presented no certificate: this receiver requires one signed by its --tls-ca: %v", err)
 	}
 	if errors.Is(err, net.ErrClosed) || strings.Contains(err.Error(), "connection reset") || errors.Is(err, errEOF) {
 		if side == "sender" {
-			return fmt.Errorf("the receiver closed the connection during the TLS handshake (does it run with --no-tls, or did it refuse this side's certificate?): %v", err)
+			return fmt.Errorf("the receiver closed the connection during the TLS handshake (does it run without TLS — --no-tls —, or did it refuse this side's certificate?): %v", err)
 		}
 	}
 	return err
+}
+
+// remoteAlert returns the text of a TLS alert the peer sent ("bad certificate", …): crypto/tls
+// reports those as "remote error: tls: <alert>" (tls.AlertError is used only for QUIC).
+func remoteAlert(err error) (string, bool) {
+	var ae tls.AlertError
+	if errors.As(err, &ae) {
+		return strings.TrimPrefix(ae.Error(), "tls: "), true
+	}
+	s := err.Error()
+	i := strings.LastIndex(s, "remote error: tls: ")
+	if i < 0 {
+		return "", false
+	}
+	return s[i+len("remote error: tls: "):], true
 }
 
 // explainX509 says in words what a certificate check found.

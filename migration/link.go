@@ -70,9 +70,12 @@ func (m *migration) dialLink(ctx context.Context) error {
 	}
 	m.session = s
 	m.defer_(func() {
-		if m.delivered {
+		switch {
+		case m.delivered:
 			s.Close()
-		} else {
+		case m.ctx.Err() != nil:
+			s.Abort(link.CodeCancelled, "the sending sidecar was interrupted ("+context.Cause(m.ctx).Error()+")")
+		default:
 			s.Abort(link.CodeSource, "the sending sidecar gave up")
 		}
 	})

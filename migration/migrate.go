@@ -75,7 +75,7 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 	if o.ConnectTimeout <= 0 {
 		o.ConnectTimeout = 30 * time.Second
 	}
-	m := &migration{o: o}
+	m := &migration{o: o, ctx: ctx}
 	defer m.close()
 
 	// 1. The request makes sense and no other sidecar drives this VM.
@@ -90,10 +90,10 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 	//    then its listening socket (a destination that is not there fails with the source
 	//    untouched).
 	if err := m.checkDestination(ctx); err != nil {
-		return m.fail(ErrDestination, err)
+		return m.fail(classOf(err, ErrDestination), err)
 	}
 	if err := m.openDestination(ctx); err != nil {
-		return m.fail(ErrDestination, err)
+		return m.fail(classOf(err, ErrDestination), err)
 	}
 	// 4. Hold the source (its switchover is the sidecar's decision) and let it migrate into a
 	//    private socket. From here on every failure puts the source back.
@@ -122,7 +122,8 @@ type Summary = savevm.Summary
 // migration is the state of one run of Migrate.
 type migration struct {
 	o       MigrateOptions
-	cleanup []func() // run in reverse order by close
+	ctx     context.Context // the caller's: cancelled by a signal
+	cleanup []func()        // run in reverse order by close
 
 	src     *qmp.Client
 	before  string         // the source's run state before anything changed

@@ -234,7 +234,7 @@ func (r *receiving) failed(ctx context.Context, err error, phase savevm.Phase) e
 		if rem.Code == link.CodeDestination {
 			class = ErrDestination
 		}
-	case errors.Is(err, link.ErrTimeout):
+	case errors.Is(err, link.ErrStalled):
 		class = ErrPolicy
 	}
 	return &MigrateError{Class: class, Phase: phase, Err: fmt.Errorf("%w; the destination got a reset, not a complete stream", err)}

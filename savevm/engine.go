@@ -243,6 +243,7 @@ func (r *Relay) setPhase(p Phase) {
 // completes the summary (QEMU's own figures) and emits it (EmitSummary).
 func (r *Relay) Run(ctx context.Context) (Summary, error) {
 	start := time.Now()
+	outer := ctx
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	r.emit(Event{Type: "phase", Time: start, Phase: PhaseSetup, DowntimeBudgetMs: r.opt.Policy.Downtime.Milliseconds()})
@@ -259,7 +260,9 @@ func (r *Relay) Run(ctx context.Context) (Summary, error) {
 	// the destination sees a reset, never a clean end of stream.
 	abort := func() {
 		r.src.Close()
-		if a, ok := r.dst.(interface{ Abort() }); ok {
+		if i, ok := r.dst.(interface{ Interrupt(error) }); ok && outer.Err() != nil {
+			i.Interrupt(context.Cause(outer))
+		} else if a, ok := r.dst.(interface{ Abort() }); ok {
 			a.Abort()
 		} else {
 			r.dst.Close()

@@ -195,7 +195,7 @@ func (r *Receiver) loop() error {
 	for {
 		f, err := r.s.NextData(time.Now().Add(r.opt.StallTimeout))
 		if err != nil {
-			return fmt.Errorf("link: %w", err)
+			return err
 		}
 		end, err := r.apply(f)
 		r.s.ReleaseData(f)
@@ -455,7 +455,7 @@ func (r *Receiver) complete(e *link.End) error {
 	}
 	r.readyAt = time.Now()
 	if err := r.s.SendControl(link.FrameReady, binary.BigEndian.AppendUint64(nil, e.Seq)); err != nil {
-		return fmt.Errorf("link: READY: %w", err)
+		return fmt.Errorf("READY: %w", err)
 	}
 	timer := time.NewTimer(r.opt.CommitTimeout)
 	defer timer.Stop()
@@ -465,7 +465,7 @@ func (r *Receiver) complete(e *link.End) error {
 			return fmt.Errorf("link: the sender sent %s, expected COMMIT", f.Type)
 		}
 	case <-r.s.Done():
-		return fmt.Errorf("link: waiting for COMMIT: %w", orClosed(r.s.Err()))
+		return fmt.Errorf("waiting for COMMIT: %w", orClosed(r.s.Err()))
 	case <-timer.C:
 		return fmt.Errorf("link: no COMMIT from the sender within %v", r.opt.CommitTimeout)
 	}

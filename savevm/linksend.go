@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -71,6 +72,9 @@ type linkAborter struct{ s *link.Session }
 func (a linkAborter) Write(p []byte) (int, error) { return 0, errors.New("not a stream destination") }
 func (a linkAborter) Close() error                { return nil }
 func (a linkAborter) Abort()                      { a.s.Abort(link.CodeSource, "the sending sidecar gave up") }
+func (a linkAborter) Interrupt(why error) {
+	a.s.Abort(link.CodeCancelled, "the sending sidecar was interrupted ("+why.Error()+")")
+}
 
 // linkOutput turns the source's records into link frames (PROTOCOL.md §2.2): page records
 // into PAGES batches — leaving out what the destination already holds (content hash per
@@ -211,7 +215,7 @@ func (o *linkOutput) dispatch() {
 // err is the first send error, as a DestinationError.
 func (o *linkOutput) err() error {
 	if e := o.sendErr.Load(); e != nil {
-		return &DestinationError{Err: fmt.Errorf("link: %w", *e)}
+		return &DestinationError{Err: *e}
 	}
 	return nil
 }
@@ -231,14 +235,14 @@ func (o *linkOutput) enqueue(sl *slot) error {
 	select {
 	case o.order <- sl:
 	case <-o.s.Done():
-		return &DestinationError{Err: fmt.Errorf("link: %w", orClosed(o.s.Err()))}
+		return &DestinationError{Err: orClosed(o.s.Err())}
 	}
 	return nil
 }
 
 func orClosed(err error) error {
 	if err == nil {
-		return errors.New("closed")
+		return errors.New("link: closed")
 	}
 	return err
 }
@@ -514,13 +518,22 @@ func (o *linkOutput) finish() error {
 	ctx, cancel := context.WithTimeout(context.Background(), o.lo.CompleteTimeout)
 	defer cancel()
 	if err := o.s.Drain(ctx); err != nil {
-		return &DestinationError{Err: fmt.Errorf("link: sending the last frames: %w", err)}
+		return &DestinationError{Err: fmt.Errorf("sending the last frames: %w", err)}
 	}
 	if _, err := o.await(link.FrameReady, o.lo.CompleteTimeout); err != nil {
 		return err
 	}
+	if d := commitDelay(); d > 0 {
+		// Test-only (compat TestLinkFault): hold the moment between READY and COMMIT open
+		// long enough for a fault to land in it deterministically.
+		select {
+		case <-time.After(d):
+		case <-o.s.Done():
+			return &DestinationError{Err: fmt.Errorf("before COMMIT: %w", orClosed(o.s.Err()))}
+		}
+	}
 	if err := o.s.SendControl(link.FrameCommit, nil); err != nil {
-		return &DestinationError{Err: fmt.Errorf("link: COMMIT: %w", err)}
+		return &DestinationError{Err: fmt.Errorf("COMMIT: %w", err)}
 	}
 	f, err := o.await(link.FrameDelivered, o.lo.CompleteTimeout)
 	if err != nil {
@@ -548,7 +561,7 @@ func (o *linkOutput) await(t link.FrameType, timeout time.Duration) (link.Frame,
 		}
 		return f, nil
 	case <-o.s.Done():
-		return link.Frame{}, &DestinationError{Err: fmt.Errorf("link: waiting for %s: %w", t, orClosed(o.s.Err()))}
+		return link.Frame{}, &DestinationError{Err: fmt.Errorf("waiting for %s: %w", t, orClosed(o.s.Err()))}
 	case <-timer.C:
 		return link.Frame{}, &DestinationError{Err: fmt.Errorf("link: no %s from the receiver within %v", t, timeout)}
 	}
@@ -577,6 +590,14 @@ func (o *linkOutput) closeWorkers() {
 }
 
 func (o *linkOutput) close() { o.closeWorkers() }
+
+// commitDelayEnv names the test-only delay before COMMIT (a duration).
+const commitDelayEnv = "QMG_TEST_COMMIT_DELAY"
+
+func commitDelay() time.Duration {
+	d, _ := time.ParseDuration(os.Getenv(commitDelayEnv))
+	return d
+}
 
 // UncertainError is a link failure after COMMIT and before DELIVERED: the receiver may or may
 // not have completed its QEMU's stream. The source is completed (never resumed) and the
