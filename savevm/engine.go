@@ -169,6 +169,8 @@ type Relay struct {
 	mu          sync.Mutex
 	sum         Summary
 	stoppedAt   time.Time // first END section
+	tailAt      time.Time // the device tail began to arrive (passOutput)
+	tailFrom    int64     // bytes written to the destination then
 	deliveredAt time.Time // the destination had the complete stream
 	iteration   int
 	pausedByPol bool
@@ -527,9 +529,11 @@ func (r *Relay) pump() error {
 	if r.opt.Limits != nil {
 		opts = append(opts, stream.WithLimits(*r.opt.Limits))
 	}
-	rd := stream.NewReader(counter, opts...)
 	out := r.newOutput()
 	defer out.close()
+	opts = append(opts, out.readerOptions()...)
+	rd := stream.NewReader(counter, opts...)
+	out.attach(rd)
 	var tailStart time.Time
 	var tailFrom int64
 	for {
@@ -581,6 +585,9 @@ func (r *Relay) pump() error {
 	}
 	r.mu.Lock()
 	r.deliveredAt = time.Now()
+	if !r.tailAt.IsZero() { // the tail went out while it arrived (passOutput)
+		tailStart, tailFrom = r.tailAt, r.tailFrom
+	}
 	if !tailStart.IsZero() {
 		r.sum.TailMs = time.Since(tailStart).Milliseconds()
 		r.sum.TailBytes = out.written() - tailFrom
@@ -618,6 +625,10 @@ type output interface {
 	written() int64
 	// close releases the output's goroutines (after finish, or on failure).
 	close()
+	// readerOptions are what the output needs of the source's Reader; attach gives it the
+	// Reader.
+	readerOptions() []stream.Option
+	attach(rd *stream.Reader)
 }
 
 // newOutput returns the output of this relay.
@@ -625,35 +636,7 @@ func (r *Relay) newOutput() output {
 	if r.newLinkOutput != nil {
 		return r.newLinkOutput(r)
 	}
-	return newStreamOutput(r)
-}
-
-// streamOutput writes the QEMU stream to the destination through the handlers (relay mode).
-type streamOutput struct {
-	r    *Relay
-	sink *asyncSink
-	w    *stream.Writer
-	h    *handlers
-}
-
-func newStreamOutput(r *Relay) *streamOutput {
-	sink := newAsyncSink(&countingWriter{w: r.dst, n: &r.bytesOut})
-	w := stream.NewWriter(sink)
-	return &streamOutput{r: r, sink: sink, w: w, h: newHandlers(r, w)}
-}
-
-func (o *streamOutput) handle(rec *stream.Record) error { return o.h.handle(rec) }
-func (o *streamOutput) written() int64                  { return o.w.Offset() }
-func (o *streamOutput) close()                          { o.sink.Close() }
-
-func (o *streamOutput) finish() error {
-	if err := o.w.Flush(); err != nil {
-		return err // a write error is already a *DestinationError
-	}
-	if err := o.r.dst.Close(); err != nil {
-		return &DestinationError{Err: fmt.Errorf("finishing the stream: %w", err)}
-	}
-	return nil
+	return newPassOutput(r)
 }
 
 // delivered reports whether the destination has the complete stream.

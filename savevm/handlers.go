@@ -8,7 +8,7 @@ import (
 
 // liveHandler is a live (iterative) state entry, like QEMU's SaveStateEntry with
 // save_setup / save_live_iterate / save_live_complete: in relay mode each phase is fed the
-// records of the source's START, PART and END sections, and writes its own stream.
+// records of the source's START, PART and END sections, and decides what the destination gets.
 type liveHandler interface {
 	setup(rec *stream.Record) error    // START header
 	iterate(rec *stream.Record) error  // PART header
@@ -17,11 +17,24 @@ type liveHandler interface {
 	footer(rec *stream.Record) error   // the section footer
 }
 
+// recordOut is what a handler does with a record: pass it on exactly as it came, replace it
+// with what it writes to a Writer, or drop it.
+type recordOut interface {
+	pass(rec *stream.Record) error
+	// replace returns a Writer for the bytes that stand for rec; its CONTINUE block is reset,
+	// so a replacement names its block (the destination then resolves later CONTINUE records
+	// to the same block as the original would have made it).
+	replace(rec *stream.Record) *stream.Writer
+	drop(rec *stream.Record)
+	// offset is the number of bytes produced for the destination so far.
+	offset() int64
+}
+
 // handlers routes the records of the source stream to the state entry of their section and
 // keeps the per-section statistics.
 type handlers struct {
 	r       *Relay
-	w       *stream.Writer
+	out     recordOut
 	live    map[uint32]liveHandler // by section id, from the START header
 	current liveHandler            // handler of the section being read
 	curName string
@@ -30,8 +43,8 @@ type handlers struct {
 	dst10   bool // the destination is QEMU 10.0 or newer
 }
 
-func newHandlers(r *Relay, w *stream.Writer) *handlers {
-	return &handlers{r: r, w: w, live: map[uint32]liveHandler{},
+func newHandlers(r *Relay, out recordOut) *handlers {
+	return &handlers{r: r, out: out, live: map[uint32]liveHandler{},
 		dst72: r.opt.DstSeries == "7.2", dst10: r.opt.DstSeries != "" && r.opt.DstSeries != "7.2"}
 }
 
@@ -53,7 +66,7 @@ func (h *handlers) handle(rec *stream.Record) error {
 		if lh == nil {
 			return fmt.Errorf("section id %d: %s without START", id, rec.Kind)
 		}
-		h.current, h.curName, h.curFrom = lh, rec.Section.Idstr, h.w.Offset()
+		h.current, h.curName, h.curFrom = lh, rec.Section.Idstr, h.out.offset()
 		switch rec.Kind {
 		case stream.KindSectionStart:
 			return lh.setup(rec)
@@ -73,31 +86,31 @@ func (h *handlers) handle(rec *stream.Record) error {
 			err = h.current.footer(rec)
 			h.current = nil
 		} else {
-			err = h.w.WriteRecord(rec) // footer of a FULL section
+			err = h.out.pass(rec) // footer of a FULL section
 		}
 		h.account(rec.Section.Idstr)
 		return err
 	case stream.KindSectionFull:
 		// Device state is serialized by QEMU itself and forwarded exactly (design.md).
-		h.curName, h.curFrom = rec.Section.Idstr, h.w.Offset()
-		return h.w.WriteRecord(rec)
+		h.curName, h.curFrom = rec.Section.Idstr, h.out.offset()
+		return h.out.pass(rec)
 	case stream.KindCommand:
 		if rec.Cmd == stream.CmdSwitchoverStart && h.dst72 {
 			h.rewritten("dropped COMMAND 11 (SWITCHOVER_START): QEMU 7.2 rejects it")
+			h.out.drop(rec)
 			return nil
 		}
-		return h.w.WriteRecord(rec)
 	}
-	return h.w.WriteRecord(rec)
+	return h.out.pass(rec)
 }
 
-// account adds the bytes written since the section header to its idstr.
+// account adds the bytes produced since the section header to its idstr.
 func (h *handlers) account(idstr string) {
 	if idstr == "" {
 		idstr = h.curName
 	}
 	h.r.mu.Lock()
-	h.r.sum.Sections[idstr] += h.w.Offset() - h.curFrom
+	h.r.sum.Sections[idstr] += h.out.offset() - h.curFrom
 	h.r.mu.Unlock()
 }
 
@@ -114,29 +127,27 @@ func (h *handlers) rewritten(why string) {
 // passLive forwards an iterative section the engine does not interpret (dirty-bitmap, block).
 type passLive struct{ h *handlers }
 
-func (p *passLive) setup(rec *stream.Record) error    { return p.h.w.WriteRecord(rec) }
-func (p *passLive) iterate(rec *stream.Record) error  { return p.h.w.WriteRecord(rec) }
-func (p *passLive) complete(rec *stream.Record) error { return p.h.w.WriteRecord(rec) }
-func (p *passLive) record(rec *stream.Record) error   { return p.h.w.WriteRecord(rec) }
-func (p *passLive) footer(rec *stream.Record) error   { return p.h.w.WriteRecord(rec) }
+func (p *passLive) setup(rec *stream.Record) error    { return p.h.out.pass(rec) }
+func (p *passLive) iterate(rec *stream.Record) error  { return p.h.out.pass(rec) }
+func (p *passLive) complete(rec *stream.Record) error { return p.h.out.pass(rec) }
+func (p *passLive) record(rec *stream.Record) error   { return p.h.out.pass(rec) }
+func (p *passLive) footer(rec *stream.Record) error   { return p.h.out.pass(rec) }
 
-// ramRelay is the `ram` handler of relay mode: its pages come from the source's stream, are
-// counted, rewritten where the destination's version needs it, and written once each.
+// ramRelay is the `ram` handler of relay mode: its pages come from the source's stream and go
+// on as they came, except where the destination's version needs them rewritten.
 type ramRelay struct {
 	h       *handlers
 	page    [4096]byte // scratch for rewritten pages (fill ≠ 0, inflated COMPRESS_PAGE)
 	inflate stream.Inflater
 }
 
-func (m *ramRelay) setup(rec *stream.Record) error    { return m.h.w.WriteRecord(rec) }
-func (m *ramRelay) iterate(rec *stream.Record) error  { return m.h.w.WriteRecord(rec) }
-func (m *ramRelay) complete(rec *stream.Record) error { return m.h.w.WriteRecord(rec) }
-
-func (m *ramRelay) footer(rec *stream.Record) error { return m.h.w.WriteRecord(rec) }
+func (m *ramRelay) setup(rec *stream.Record) error    { return m.h.out.pass(rec) }
+func (m *ramRelay) iterate(rec *stream.Record) error  { return m.h.out.pass(rec) }
+func (m *ramRelay) complete(rec *stream.Record) error { return m.h.out.pass(rec) }
+func (m *ramRelay) footer(rec *stream.Record) error   { return m.h.out.pass(rec) }
 
 func (m *ramRelay) record(rec *stream.Record) error {
 	r := &rec.RAM
-	w := m.h.w
 	switch r.Flags &^ stream.RAMContinue {
 	case stream.RAMZero:
 		if r.Fill != 0 {
@@ -145,7 +156,7 @@ func (m *ramRelay) record(rec *stream.Record) error {
 				m.page[i] = r.Fill
 			}
 			m.h.rewritten("rewrote ZERO records with a non-zero fill byte as PAGE records")
-			return w.WritePage(r.Offset, r.Block, m.page[:])
+			return m.h.out.replace(rec).WritePage(r.Offset, r.Block, m.page[:])
 		}
 	case stream.RAMCompressPage:
 		if m.h.dst10 {
@@ -155,13 +166,14 @@ func (m *ramRelay) record(rec *stream.Record) error {
 				return fmt.Errorf("ram: COMPRESS_PAGE at offset %d of %q: inflating: %v", r.Offset, r.Block, err)
 			}
 			m.h.rewritten("inflated COMPRESS_PAGE records for a QEMU 10.0 destination")
-			return w.WritePage(r.Offset, r.Block, m.page[:])
+			return m.h.out.replace(rec).WritePage(r.Offset, r.Block, m.page[:])
 		}
 	case stream.RAMMultifdFlush:
 		if m.h.dst72 {
 			m.h.rewritten("dropped MULTIFD_FLUSH (0x200) records: QEMU 7.2 rejects them")
+			m.h.out.drop(rec)
 			return nil
 		}
 	}
-	return w.WriteRecord(rec)
+	return m.h.out.pass(rec)
 }

@@ -172,7 +172,9 @@ func newLinkOutput(r *Relay, s *link.Session, chooser *link.Chooser, lo LinkOpti
 	return o
 }
 
-func (o *linkOutput) written() int64 { return o.s.BytesSent() }
+func (o *linkOutput) written() int64                 { return o.s.BytesSent() }
+func (o *linkOutput) readerOptions() []stream.Option { return nil }
+func (o *linkOutput) attach(*stream.Reader)          {}
 
 func (o *linkOutput) buf() []byte {
 	if v := o.bufs.Get(); v != nil {

@@ -16,6 +16,10 @@ type input struct {
 	base int64     // absolute stream offset of buf[0]
 	err  error     // sticky error from rd (io.EOF at the end)
 
+	// before, when set, is called before every read from rd (WithBeforeRead): the caller may
+	// still hold slices of buf, which the read may move.
+	before func()
+
 	// Slice mode only.
 	end    int    // device bodies may not extend past buf[end] (start of EOF+vmdesc), else w
 	vmdesc []byte // vmdesc JSON located at the end of the tail, nil if none
@@ -40,6 +44,9 @@ func (in *input) ensure(n int) bool {
 }
 
 func (in *input) fill(n int) bool {
+	if in.before != nil {
+		in.before()
+	}
 	if in.r+n > len(in.buf) {
 		copy(in.buf, in.buf[in.r:in.w])
 		in.base += int64(in.r)

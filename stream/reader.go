@@ -39,9 +39,11 @@ type Reader struct {
 	copyData bool
 	psField  func(block string) bool
 
-	rec   Record
-	state readState
-	err   error
+	rec      Record
+	raw      []byte // the last record's bytes as read (Raw)
+	state    readState
+	err      error
+	tailData func([]byte)
 
 	// Section tracking.
 	sections  map[uint32]*sectionInfo
@@ -146,6 +148,32 @@ func WithMappedRAMData(fn func(off int64, data []byte)) Option {
 // for verifying streams.
 func WithIgnoreAfterEOF() Option { return func(r *Reader) { r.ignoreAfterEOF = true } }
 
+// WithBeforeRead sets a function called before every read from the underlying io.Reader (and
+// before the device tail is read). Slices of earlier records (Raw, Data, Body) stay valid until
+// then, however many records were returned since: a caller that forwards records as their own
+// bytes writes them out in fn, and so forwards each one as soon as nothing more is available.
+func WithBeforeRead(fn func()) Option { return func(r *Reader) { r.top.before = fn } }
+
+// WithTailData sets a function called each time more of the device tail has arrived, with the
+// tail so far (the slice may be reallocated between calls; it is valid during the call). A
+// relay can forward the tail while it arrives: tail[:SafeTailPrefix(tail)] never holds the
+// stream's EOF.
+func WithTailData(fn func(tail []byte)) Option { return func(r *Reader) { r.tailData = fn } }
+
+// SafeTailPrefix returns how much of a device tail still arriving may be forwarded without
+// completing the stream: everything up to 5 bytes before its last NUL byte. The vmdesc JSON
+// after EOF holds no NUL, so the last NUL of the whole tail is the EOF byte itself or one of the
+// 4 length bytes after the 0x06 that follows it (stream-format.md §5.1): the EOF byte is never
+// before tail's last NUL − 5, and the last NUL only moves forward as the tail grows.
+func SafeTailPrefix(tail []byte) int {
+	return max(0, bytes.LastIndexByte(tail, byte(SectionEOF))-5)
+}
+
+// Raw returns the bytes of the record Next last returned, exactly as they were read, when they
+// lie in one piece in memory (nil otherwise: a PACKAGED command's header, a vmdesc too large
+// for the buffer, a mapped-ram block list). They stay valid as WithBeforeRead says.
+func (r *Reader) Raw() []byte { return r.raw }
+
 // WithZeroCopy controls whether RAM Data and other payload slices alias the Reader's internal
 // buffer (true, the default: no copy) or are copied into a buffer reused across calls (false).
 // In both cases they are valid only until the next call to Next.
@@ -205,7 +233,12 @@ func (r *Reader) Next() (*Record, error) {
 	if r.err != nil {
 		return nil, r.err
 	}
+	in := r.in
 	rec, err := r.next()
+	r.raw = nil
+	if rec != nil {
+		r.raw = rawOf(in, rec)
+	}
 	if err != nil && err != io.EOF && r.ignoreAfterEOF && r.pastEOF {
 		r.warnf(r.in.off(), "after EOF: %v (ignored, as a destination does)", err)
 		err = io.EOF
@@ -215,6 +248,30 @@ func (r *Reader) Next() (*Record, error) {
 		return nil, err
 	}
 	return rec, nil
+}
+
+// rawOf returns rec's bytes when they are in one piece in in's buffer: from the record's
+// offset to where in now stands. A record that moved the Reader to another input (a PACKAGED
+// command, the end of a package) or that was copied out of the buffer has none.
+func rawOf(in *input, rec *Record) []byte {
+	if rec.Kind == KindPackageEnd || (rec.Kind == KindCommand && rec.Cmd == CmdPackaged) {
+		return nil
+	}
+	start, end := rec.Offset-in.base, in.off()-in.base
+	if start < 0 || end < start || end > int64(in.w) {
+		return nil
+	}
+	if rec.Kind == KindVMDesc && int64(len(rec.JSON)) != end-start-5 {
+		return nil
+	}
+	if rec.Kind == KindRAM && rec.RAM.Flags&^RAMContinue == RAMMemSize {
+		for _, b := range rec.RAM.Blocks {
+			if b.HasMappedRAM {
+				return nil // the file regions in between were skipped, not kept
+			}
+		}
+	}
+	return in.buf[start:end]
 }
 
 func (r *Reader) fail(off int64, expected string, err error) *Error {
@@ -712,6 +769,12 @@ func (r *Reader) enterTail() error {
 	off := in.off()
 	tail := make([]byte, 0, max(min(r.lim.Tail, 4*in.avail()), min(r.lim.Tail, 1<<20)))
 	tail = append(tail, in.win()...)
+	if in.before != nil {
+		in.before()
+	}
+	if r.tailData != nil {
+		r.tailData(tail)
+	}
 	for in.err == nil {
 		if vmdescComplete(tail) {
 			// The source has sent everything; do not wait for it to close the connection
@@ -736,6 +799,9 @@ func (r *Reader) enterTail() error {
 		}
 		n, err := in.rd.Read(tail[len(tail):cap(tail)])
 		tail = tail[:len(tail)+n]
+		if n > 0 && r.tailData != nil {
+			r.tailData(tail)
+		}
 		if err != nil {
 			in.err = err
 		}

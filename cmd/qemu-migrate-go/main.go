@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
 	"time"
 
@@ -74,9 +75,14 @@ func main() {
 		},
 		ExitErrHandler: func(*cli.Context, error) {},
 	}
+	// --cpuprofile FILE (hidden, any command): a pprof CPU profile of the whole run, for the
+	// performance work on the data path (issue 12's closing note).
+	app.Flags = append(app.Flags, &cli.StringFlag{Name: "cpuprofile", Hidden: true})
+	app.Before = startProfile
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	err := app.RunContext(ctx, os.Args)
 	stop()
+	stopProfile()
 	code := exitCode(err)
 	if isDetachedChild() || jsonEvents {
 		ev := savevm.Event{Type: "exit", Time: time.Now(), ExitCode: &code}
@@ -86,6 +92,26 @@ func main() {
 		jsonOut(ev)
 	}
 	os.Exit(code)
+}
+
+var stopProfile = func() {}
+
+// startProfile starts the CPU profile --cpuprofile asks for.
+func startProfile(c *cli.Context) error {
+	path := c.String("cpuprofile")
+	if path == "" {
+		return nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return &exitError{exitUsage, err}
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return &exitError{exitUsage, err}
+	}
+	stopProfile = func() { pprof.StopCPUProfile(); f.Close() }
+	return nil
 }
 
 // exitCode prints err as one line on stderr and maps it to the documented exit code.

@@ -1,0 +1,215 @@
+package savevm
+
+import (
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"time"
+	"unsafe"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/stream"
+)
+
+// passOutput is relay mode's output. Every record the handlers pass on unchanged goes to the
+// destination as its own bytes, straight from the Reader's buffer (stream.Reader.Raw: decode →
+// encode is byte-identical, so those are the bytes a Writer would make): no copy in user space,
+// and consecutive records merge into one slice. Records the handlers rewrite are encoded into a
+// small buffer in between. What has been decoded is written — one writev — whenever the Reader
+// is about to read more from the source (stream.WithBeforeRead): data leaves as soon as it is
+// decoded and nothing else is waiting, never later for a batch to fill. The device tail is
+// forwarded while it arrives, up to where it cannot yet hold the stream's EOF
+// (stream.SafeTailPrefix), and the rest once its records have been checked.
+type passOutput struct {
+	r  *Relay
+	rd *stream.Reader
+	w  io.Writer // the destination, counting
+
+	iov      net.Buffers
+	pending  int64 // bytes in iov
+	produced int64 // bytes written to the destination
+	err      error // sticky write error
+
+	h *handlers
+
+	// Replacements: the scratch Writer encodes into repl.
+	rw        *stream.Writer
+	repl      replBuffer
+	replacing bool
+	replFrom  int
+
+	tailStart int64 // source offset of the tail's first byte; -1 before the tail
+	fwd       int64 // source offset up to which the arriving tail was forwarded
+}
+
+func newPassOutput(r *Relay) *passOutput {
+	o := &passOutput{r: r, w: &countingWriter{w: r.dst, n: &r.bytesOut}, tailStart: -1, fwd: -1}
+	o.rw = stream.NewWriter(&o.repl)
+	o.h = newHandlers(r, o)
+	return o
+}
+
+func (o *passOutput) readerOptions() []stream.Option {
+	return []stream.Option{stream.WithBeforeRead(o.flush), stream.WithTailData(o.tailArrived)}
+}
+
+func (o *passOutput) attach(rd *stream.Reader) { o.rd = rd }
+func (o *passOutput) handle(rec *stream.Record) error {
+	if o.err != nil {
+		return o.err // a write in the last flush failed
+	}
+	return o.h.handle(rec)
+}
+func (o *passOutput) written() int64 { return o.produced + o.pending }
+func (o *passOutput) offset() int64  { o.endReplace(); return o.produced + o.pending }
+func (o *passOutput) close()         {}
+
+// add queues b, merging it with the previous slice when it continues it in memory.
+func (o *passOutput) add(b []byte) {
+	if len(b) == 0 {
+		return
+	}
+	if n := len(o.iov); n > 0 {
+		prev := o.iov[n-1]
+		if cap(prev) > len(prev) && unsafe.SliceData(prev[len(prev):cap(prev)]) == unsafe.SliceData(b) {
+			o.iov[n-1] = prev[:len(prev)+len(b)]
+			o.pending += int64(len(b))
+			return
+		}
+	}
+	o.iov = append(o.iov, b)
+	o.pending += int64(len(b))
+}
+
+// pass queues rec's own bytes.
+func (o *passOutput) pass(rec *stream.Record) error {
+	o.endReplace()
+	raw := o.rd.Raw()
+	switch {
+	case rec.Kind == stream.KindPackageEnd:
+		return nil // the PACKAGED header counted every byte of the package
+	case rec.Kind == stream.KindCommand && rec.Cmd == stream.CmdPackaged:
+		// Its header is not in the buffer any more (the nested stream was read after it); the
+		// nested records pass on unchanged, so the length is the one it came with.
+		h := binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint16([]byte{byte(stream.SectionCommand)}, uint16(stream.CmdPackaged)), 4)
+		o.add(append(h, rec.Payload...))
+		return nil
+	case raw == nil:
+		// Not in one piece in memory (a vmdesc larger than the buffer): encode it.
+		w := o.replace(rec)
+		return w.WriteRecord(rec)
+	}
+	if rec.Depth > 0 && o.tailStart >= 0 && rec.Offset < o.fwd {
+		return fmt.Errorf("internal: a packaged record at %d inside the forwarded tail", rec.Offset)
+	}
+	if o.tailStart >= 0 && rec.Offset < o.fwd {
+		// Part or all of it went out while the tail arrived.
+		skip := o.fwd - rec.Offset
+		if skip >= int64(len(raw)) {
+			return nil
+		}
+		raw = raw[skip:]
+	}
+	o.add(raw)
+	return nil
+}
+
+// replace returns the scratch Writer whose output stands for rec.
+func (o *passOutput) replace(rec *stream.Record) *stream.Writer {
+	o.endReplace()
+	o.noTail(rec)
+	o.replacing = true
+	o.replFrom = len(o.repl.b)
+	o.rw.ResetContinue()
+	return o.rw
+}
+
+// drop leaves rec out.
+func (o *passOutput) drop(rec *stream.Record) {
+	o.endReplace()
+	o.noTail(rec)
+}
+
+// noTail records an error for a record that is changed after it went out with the tail (only
+// device state is in the tail, and the handlers never change it).
+func (o *passOutput) noTail(rec *stream.Record) {
+	if o.tailStart >= 0 && rec.Offset < o.fwd && o.err == nil {
+		o.err = fmt.Errorf("internal: the %s record at %d went out with the tail before it could be changed", rec.Kind, rec.Offset)
+	}
+}
+
+// endReplace queues what the scratch Writer made for the last replaced record.
+func (o *passOutput) endReplace() {
+	if !o.replacing {
+		return
+	}
+	o.replacing = false
+	if err := o.rw.Flush(); err != nil && o.err == nil {
+		o.err = err
+	}
+	o.add(o.repl.b[o.replFrom:len(o.repl.b):len(o.repl.b)])
+}
+
+// flush writes everything queued (one writev). It runs before the Reader reads again.
+func (o *passOutput) flush() {
+	o.endReplace()
+	if o.err != nil || len(o.iov) == 0 {
+		return
+	}
+	n, err := o.iov.WriteTo(o.w)
+	o.produced += n
+	o.pending = 0
+	o.iov = o.iov[:0]
+	o.repl.b = o.repl.b[:0]
+	if err != nil {
+		o.err = err
+	}
+}
+
+// tailArrived forwards the device tail while it arrives, up to its safe prefix.
+func (o *passOutput) tailArrived(tail []byte) {
+	if o.tailStart < 0 {
+		o.tailStart = o.rd.Offset()
+		o.fwd = o.tailStart
+		o.r.markTail(o.written())
+	}
+	o.flush()
+	n := int64(stream.SafeTailPrefix(tail))
+	if from := o.fwd - o.tailStart; n > from && o.err == nil {
+		m, err := o.w.Write(tail[from:n])
+		o.produced += int64(m)
+		o.fwd += int64(m)
+		if err != nil {
+			o.err = err
+		}
+	}
+}
+
+// finish writes the rest and closes the destination cleanly: it has the complete stream.
+func (o *passOutput) finish() error {
+	o.flush()
+	if o.err != nil {
+		return o.err // a write error is already a *DestinationError
+	}
+	if err := o.r.dst.Close(); err != nil {
+		return &DestinationError{Err: fmt.Errorf("finishing the stream: %w", err)}
+	}
+	return nil
+}
+
+// replBuffer collects the scratch Writer's output.
+type replBuffer struct{ b []byte }
+
+func (r *replBuffer) Write(p []byte) (int, error) {
+	r.b = append(r.b, p...)
+	return len(p), nil
+}
+
+// markTail notes when the device tail began to arrive and how much had been written then.
+func (r *Relay) markTail(at int64) {
+	r.mu.Lock()
+	if r.tailAt.IsZero() {
+		r.tailAt, r.tailFrom = time.Now(), at
+	}
+	r.mu.Unlock()
+}
