@@ -33,6 +33,10 @@ type VMConfig struct {
 	MemPath   string   // backing file for SharedMem "file"; default <dir>/ram
 	UUID      string   // -uuid
 	Extra     []string // further arguments
+	// Netns runs QEMU inside that network namespace (a NetHost's Name) through
+	// `ip netns exec`, which execs QEMU: the PID stays QEMU's own. Its QMP and serial files
+	// are paths, which every namespace shares.
+	Netns string
 }
 
 // VM is a running QEMU with its QMP client, serial log and stderr.
@@ -127,11 +131,21 @@ func (cfg VMConfig) Args(dir string) []string {
 
 // CommandLine returns the full command line as a shell-readable string (for logs and testdata).
 func (vm *VM) CommandLine() string {
-	return vm.Config.QEMU.Binary + " " + strings.Join(vm.Config.Args(vm.Dir), " ")
+	return strings.Join(vm.Config.argv(vm.Dir), " ")
+}
+
+// argv is the whole command: QEMU and its arguments, behind `ip netns exec NAME` with Netns.
+func (cfg VMConfig) argv(dir string) []string {
+	argv := append([]string{cfg.QEMU.Binary}, cfg.Args(dir)...)
+	if cfg.Netns != "" {
+		argv = append([]string{"ip", "netns", "exec", cfg.Netns}, argv...)
+	}
+	return argv
 }
 
 // Launch starts QEMU with its files in dir and connects to its QMP socket before ctx ends.
-// The process gets SIGKILL if the calling process dies (Pdeathsig), so no QEMU outlives a test.
+// The process gets SIGKILL if the calling process dies (Pdeathsig, which `ip netns exec`'s exec
+// keeps), so no QEMU outlives a test.
 func Launch(ctx context.Context, dir string, cfg VMConfig) (*VM, error) {
 	if cfg.Name == "" {
 		cfg.Name = "vm"
@@ -146,7 +160,8 @@ func Launch(ctx context.Context, dir string, cfg VMConfig) (*VM, error) {
 	}
 	vm := &VM{Config: cfg, Dir: dir, QMPPath: filepath.Join(dir, "qmp.sock"), SidecarQMP: filepath.Join(dir, "sidecar.sock"),
 		SerialPath: filepath.Join(dir, "serial.log"), exited: make(chan struct{})}
-	vm.cmd = exec.Command(cfg.QEMU.Binary, cfg.Args(dir)...)
+	argv := cfg.argv(dir)
+	vm.cmd = exec.Command(argv[0], argv[1:]...)
 	vm.cmd.Stdout = &vm.stderr
 	vm.cmd.Stderr = &vm.stderr
 	vm.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
