@@ -16,15 +16,19 @@ import (
 func inspectCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "inspect",
-		Usage:     "summarize, verify or take apart a migration stream (a file, or - for a pipe)",
-		ArgsUsage: "FILE|-",
+		Usage:     "summarize, verify or take apart a migration stream (a file, or - for a pipe); --diff A B compares two",
+		ArgsUsage: "FILE|-  or  --diff A B",
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "json", Usage: "print the report as JSON (schema: inspect/schema.json)"},
+			&cli.BoolFlag{Name: "diff", Usage: "compare two streams A B (files, or - for one of them): machine type, capabilities, RAM blocks, devices, differing fields"},
 			&cli.StringFlag{Name: "device", Usage: "print the decoded fields of this device (idstr or idstr/instance)"},
 			&cli.StringFlag{Name: "extract-ram", Usage: "write each RAM block's final content to a file in this folder"},
 			&cli.BoolFlag{Name: "verify", Usage: "only check the structure: exit 0 if valid, 7 if not"},
 		},
 		Action: func(c *cli.Context) error {
+			if c.Bool("diff") {
+				return runDiff(c)
+			}
 			if c.NArg() != 1 {
 				return &exitError{exitUsage, fmt.Errorf("inspect takes one FILE (or - for standard input)")}
 			}
@@ -119,4 +123,58 @@ func printReport(w io.Writer, r *inspect.Report) {
 	if r.Error != "" {
 		fmt.Fprintf(w, "\nINVALID at offset %d: %s\n", r.ErrorOffset, r.Error)
 	}
+}
+
+// runDiff is `inspect --diff A B`: exit 0 whether or not they differ ("identical" in --json
+// says which), 7 if a stream does not decode (compared as far as it was read).
+func runDiff(c *cli.Context) error {
+	args := c.Args().Slice()
+	if len(args) == 3 && args[2] == "--json" { // urfave/cli reads no flag after the arguments
+		args = args[:2]
+		c.Set("json", "true")
+	}
+	if len(args) != 2 {
+		return &exitError{exitUsage, fmt.Errorf("inspect --diff takes two streams A B (files, or - for standard input)")}
+	}
+	if args[0] == "-" && args[1] == "-" {
+		return &exitError{exitUsage, fmt.Errorf("inspect --diff: only one of A and B can be standard input")}
+	}
+	if c.String("device") != "" || c.String("extract-ram") != "" || c.Bool("verify") {
+		return &exitError{exitUsage, fmt.Errorf("inspect --diff goes with --json only")}
+	}
+	open := func(name string) (io.Reader, func(), error) {
+		if name == "-" {
+			return os.Stdin, func() {}, nil
+		}
+		f, err := os.Open(name)
+		if err != nil {
+			return nil, nil, &exitError{exitUsage, err}
+		}
+		return f, func() { f.Close() }, nil
+	}
+	a, closeA, err := open(args[0])
+	if err != nil {
+		return err
+	}
+	defer closeA()
+	b, closeB, err := open(args[1])
+	if err != nil {
+		return err
+	}
+	defer closeB()
+	d, err := inspect.DiffStreams(a, args[0], b, args[1], inspect.DiffOptions{})
+	if d == nil {
+		return &exitError{exitUsage, err}
+	}
+	if c.Bool("json") {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(d)
+	} else {
+		d.WriteText(os.Stdout)
+	}
+	if errors.Is(err, inspect.ErrInvalid) {
+		return &exitError{exitInvalid, err}
+	}
+	return err
 }
