@@ -8,11 +8,16 @@ TEST_TIMEOUT ?= 40m
 
 all: build
 
-## setup: install QEMU 7.2 (apt-get), QEMU 10.0 (bookworm-backports, unpacked into .cache/) and
-## libvirtd (apt-get; configured for this machine — the libvirt tests start and stop the daemon)
+## setup: install QEMU 7.2 (apt-get), QEMU 10.0 (bookworm-backports, unpacked into .cache/),
+## libvirtd (apt-get; configured for this machine — the libvirt tests start and stop the daemon),
+## the Linux test guest's kernel and files (bookworm, unpacked into .cache/), chromium (the
+## report test renders its page) and the network tools of the link tests (ip, tc, ss, iptables)
 setup:
 	@compat/install-qemu.sh
 	@compat/install-libvirt.sh
+	@compat/install-linux-guest.sh
+	@compat/install-chromium.sh
+	@compat/install-tools.sh
 
 build:
 	$(GO) build -o $(BIN) ./cmd/qemu-migrate-go
