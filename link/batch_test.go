@@ -664,3 +664,30 @@ func TestChooser(t *testing.T) {
 		t.Errorf("NewChooser(gzip): %v", err)
 	}
 }
+
+// BenchmarkPages encodes and decodes batches of each kind of page data with each codec; the
+// "ratio" metric is the frame's size over the raw batch's (go test -run x -bench Pages ./link/).
+func BenchmarkPages(b *testing.B) {
+	cases := batchCases(b)
+	for _, name := range []string{"real pages", "text pages", "mixed", "random", "xbzrle", "max"} {
+		for _, c := range allCodecs {
+			b.Run(strings.ReplaceAll(name, " ", "-")+"/"+c.String(), func(b *testing.B) {
+				enc, dec := NewEncoder(), NewDecoder()
+				defer dec.Close()
+				var batch Batch
+				fill(&batch, 0, cases[name])
+				raw := 8*batch.Len() + len(batch.Data)
+				var frame []byte
+				b.SetBytes(int64(raw))
+				b.ResetTimer()
+				for range b.N {
+					frame, _ = enc.AppendPages(frame[:0], 1, &batch, c)
+					if _, err := dec.ParsePages(frame[HeaderSize:]); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.ReportMetric(float64(len(frame))/float64(raw), "ratio")
+			})
+		}
+	}
+}

@@ -95,6 +95,20 @@ func MaxPayloadOf(t FrameType) int {
 // ErrFrameTooLarge is wrapped by a ProtocolError for a length over the type's maximum.
 var ErrFrameTooLarge = errors.New("frame larger than the protocol allows")
 
+// errUnknownType and errPeerTLS are wrapped by a ProtocolError for a frame header that is not
+// one of this protocol's; with ErrFrameTooLarge they tell a frame the peer got wrong from a
+// connection that failed (badFrame).
+var (
+	errUnknownType = errors.New("unknown frame type")
+	errPeerTLS     = errors.New("the peer speaks TLS (a TLS handshake record) but this side has --no-tls: start both sides with TLS or both with --no-tls")
+)
+
+// badFrame reports whether a ReadFrame error is about what the peer sent (a header this side
+// refuses), rather than the connection failing under it.
+func badFrame(err error) bool {
+	return errors.Is(err, ErrFrameTooLarge) || errors.Is(err, errUnknownType) || errors.Is(err, errPeerTLS)
+}
+
 // ProtocolError is a bad frame read from a connection: where (the connection's name and the byte
 // offset of the frame's first byte on it), which frame, and why.
 type ProtocolError struct {
@@ -173,10 +187,10 @@ func (fr *Framer) ReadFrame() (Frame, error) {
 	if fr.hdr[0] == 0x16 && fr.hdr[1] == 0x03 {
 		// A TLS handshake record (0x16, version 0x03xx). No frame can start so: 0x16 is DEVICE,
 		// whose length would then be at least 48 MiB, over MaxPayload (PROTOCOL.md §1).
-		return fail(0, errors.New("the peer speaks TLS (a TLS handshake record) but this side has --no-tls: start both sides with TLS or both with --no-tls"))
+		return fail(0, errPeerTLS)
 	}
 	if !t.Known() {
-		return fail(0, fmt.Errorf("unknown frame type 0x%02x (length %d)", fr.hdr[0], n))
+		return fail(0, fmt.Errorf("%w 0x%02x (length %d)", errUnknownType, fr.hdr[0], n))
 	}
 	if max := MaxPayloadOf(t); n > uint32(max) {
 		return fail(t, fmt.Errorf("%w: %d > %d", ErrFrameTooLarge, n, max))

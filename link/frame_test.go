@@ -314,7 +314,7 @@ func TestFrameSeq(t *testing.T) {
 	}{
 		{Frame{Type: FrameDevice, Payload: []byte{0, 0, 0, 0, 0, 0, 1, 2}}, 0x102},
 		{Frame{Type: FrameEnd, Payload: []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1}}, 1<<64 - 1},
-		{Frame{Type: FrameDevice, Payload: []byte{0, 0, 0, 0, 0, 0, 1}}, 0}, // short
+		{Frame{Type: FrameDevice, Payload: []byte{0, 0, 0, 0, 0, 0, 1}}, 0},   // short
 		{Frame{Type: FrameReady, Payload: []byte{0, 0, 0, 0, 0, 0, 0, 9}}, 0}, // control
 	} {
 		if got := tc.f.Seq(); got != tc.want {
@@ -350,4 +350,25 @@ func deviceFrameTo(dst []byte, seq uint64, n int) []byte {
 	dst = append(AppendDeviceHeader(dst, seq), make([]byte, n)...)
 	SetHeaderLength(dst[st:])
 	return dst
+}
+
+// TestFramerTLSClientHello: a plain-text Framer met by a TLS client's first flight (0x16 0x03…,
+// whose 0x16 is also DEVICE's type byte) says that the peer speaks TLS, from the header alone.
+func TestFramerTLSClientHello(t *testing.T) {
+	hello := clientHello(t)
+	if hello[0] != 0x16 || hello[1] != 0x03 {
+		t.Fatalf("a ClientHello starting % x", hello[:5])
+	}
+	cr := &countingReader{r: bytes.NewReader(hello)}
+	_, err := NewFramer("control", cr, nil).ReadFrame()
+	var pe *ProtocolError
+	if !errors.As(err, &pe) || pe.Offset != 0 || pe.Conn != "control" {
+		t.Fatalf("%v, want a *ProtocolError at offset 0 of the control connection", err)
+	}
+	if !strings.Contains(err.Error(), "the peer speaks TLS (a TLS handshake record) but this side has --no-tls") {
+		t.Errorf("%q does not say the peer speaks TLS", err)
+	}
+	if cr.n != HeaderSize {
+		t.Errorf("read %d bytes of the ClientHello", cr.n)
+	}
 }

@@ -11,7 +11,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -175,12 +174,11 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 type proxy struct {
 	ln     net.Listener
 	target string
-	// chunk and delay, per accepted connection in order (0 = the control connection): set them
-	// before the sender dials.
-	chunk map[int]int
-	delay map[int]time.Duration
 
-	mu     sync.Mutex
+	mu sync.Mutex
+	// chunk and delay, per accepted connection in order (0 = the control connection): see slow.
+	chunk  map[int]int
+	delay  map[int]time.Duration
 	conns  []*proxyConn
 	closed chan struct{}
 	wg     sync.WaitGroup
@@ -210,6 +208,14 @@ func newProxy(t testing.TB, target string) *proxy {
 }
 
 func (p *proxy) addr() string { return p.ln.Addr().String() }
+
+// slow makes the i-th connection (0: the control connection) forward at most chunk bytes at a
+// time, each after a pause of delay. Call it before the sender dials.
+func (p *proxy) slow(i, chunk int, delay time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.chunk[i], p.delay[i] = chunk, delay
+}
 
 func (p *proxy) serve() {
 	defer p.wg.Done()
@@ -284,12 +290,6 @@ func (p *proxy) conn(i int) *proxyConn {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.conns[i]
-}
-
-func (p *proxy) count() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return len(p.conns)
 }
 
 // freeze stops every proxied connection (both directions) at once.
@@ -503,18 +503,4 @@ func deviceFrame(seq uint64, data []byte) []byte {
 	b := append(AppendDeviceHeader(nil, seq), data...)
 	SetHeaderLength(b)
 	return b
-}
-
-// tempFile writes b to a fresh file of t and returns its path.
-func tempFile(t testing.TB, b []byte) string {
-	t.Helper()
-	f, err := os.CreateTemp(t.TempDir(), "f")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.Write(b); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	return f.Name()
 }

@@ -94,6 +94,10 @@ type Session struct {
 	err     error
 	wg      sync.WaitGroup
 
+	// ctx ends with the session: waits that must not outlive it (the bandwidth limiter) use it.
+	ctx    context.Context
+	cancel context.CancelFunc
+
 	lastHeard atomic.Int64 // unix ns of the last control frame from the peer
 	received  atomic.Int64 // data bytes read
 	sent      atomic.Int64 // data bytes written
@@ -118,6 +122,7 @@ type Session struct {
 func newSession(cfg Config, side string) *Session {
 	s := &Session{cfg: cfg.withDefaults(), side: side, control: make(chan Frame, 16), done: make(chan struct{})}
 	s.rcond = sync.NewCond(&s.rmu)
+	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.lastHeard.Store(time.Now().UnixNano())
 	return s
 }
@@ -136,10 +141,9 @@ func (s *Session) Err() error {
 // unblocks every reader and writer.
 func (s *Session) fail(err error) {
 	s.once.Do(func() {
-		s.errMu.Lock()
-		s.err = err
-		s.errMu.Unlock()
+		s.setErr(err)
 		close(s.done)
+		s.cancel()
 		s.closeConns(false)
 		s.rmu.Lock()
 		s.rcond.Broadcast()
@@ -159,6 +163,39 @@ func (s *Session) closeConns(graceful bool) {
 	}
 }
 
+// setErr records why the session ends, unless a reason was recorded first.
+func (s *Session) setErr(err error) {
+	s.errMu.Lock()
+	defer s.errMu.Unlock()
+	if s.err == nil {
+		s.err = err
+	}
+}
+
+// ErrClosed is returned by SendData and Drain after Close.
+var ErrClosed = errors.New("link: the session is closed")
+
+// ended is the error of an operation on a session that has ended.
+func (s *Session) ended() error {
+	if err := s.Err(); err != nil {
+		return err
+	}
+	return ErrClosed
+}
+
+// refuse ends the session for a frame the peer should not have sent, and tells the peer which
+// (PROTOCOL.md §2: an ERROR naming the connection, the offset and the frame type).
+func (s *Session) refuse(err error) {
+	select {
+	case <-s.done:
+		return
+	default:
+	}
+	s.setErr(err)
+	s.writeControl(FrameError, AppendError(nil, CodeProtocol, err.Error()), 2*time.Second)
+	s.fail(err)
+}
+
 // prefixed makes sure an error of this package says "link:" once.
 func prefixed(err error) error {
 	if strings.HasPrefix(err.Error(), "link: ") {
@@ -169,11 +206,15 @@ func prefixed(err error) error {
 
 // failSoon ends the session with err unless the control connection explains the failure
 // first: a peer that gives up sends ERROR on the control connection and then closes every
-// connection, and its data connections may close here before the ERROR is read.
+// connection, and its data connections may close here before the ERROR is read. The control
+// connection closes too, first, so its reader ends the session at once with the ERROR or the
+// close; only a data connection that broke alone waits the link timeout (as a dead peer would).
 func (s *Session) failSoon(err error) {
+	t := time.NewTimer(s.cfg.Timeout)
+	defer t.Stop()
 	select {
 	case <-s.done:
-	case <-time.After(250 * time.Millisecond):
+	case <-t.C:
 		s.fail(err)
 	}
 }
@@ -185,14 +226,19 @@ func (s *Session) Abort(code ErrorCode, msg string) {
 		return
 	default:
 	}
+	// The reason is recorded before the ERROR leaves: the peer closes its connections on it,
+	// and this side's readers must not take that for why the session ended.
+	err := fmt.Errorf("link aborted: %s", msg)
+	s.setErr(err)
 	s.writeControl(FrameError, AppendError(nil, code, msg), 2*time.Second)
-	s.fail(fmt.Errorf("link aborted: %s", msg))
+	s.fail(err)
 }
 
 // Close ends a session that completed: its connections are closed without an ERROR.
 func (s *Session) Close() {
 	s.once.Do(func() {
 		close(s.done)
+		s.cancel()
 		s.closeConns(true)
 		s.rmu.Lock()
 		s.rcond.Broadcast()
@@ -240,6 +286,9 @@ func (s *Session) Connections() int { return len(s.data) }
 
 // start runs the control reader and the heartbeat.
 func (s *Session) start() {
+	// The peer's silence counts from now: Accept may have waited long for the sender, and
+	// Dial for its data connections.
+	s.lastHeard.Store(time.Now().UnixNano())
 	s.wg.Add(2)
 	go s.readControl()
 	go s.heartbeat()
@@ -253,10 +302,14 @@ func (s *Session) readControl() {
 			select {
 			case <-s.done:
 			default:
-				if err == io.EOF {
-					err = errors.New("link: the peer closed the control connection")
+				switch {
+				case err == io.EOF:
+					s.fail(errors.New("link: the peer closed the control connection"))
+				case badFrame(err):
+					s.refuse(err)
+				default:
+					s.fail(prefixed(err))
 				}
-				s.fail(prefixed(err))
 			}
 			return
 		}
@@ -265,7 +318,7 @@ func (s *Session) readControl() {
 		case FramePing:
 			p, err := ParsePing(f.Payload)
 			if err != nil {
-				s.fail(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: err})
+				s.refuse(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: err})
 				return
 			}
 			s.peer.Store(&p)
@@ -274,7 +327,7 @@ func (s *Session) readControl() {
 		case FrameError:
 			re, err := ParseError(f.Payload)
 			if err != nil {
-				s.fail(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: err})
+				s.refuse(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: err})
 				return
 			}
 			s.fail(re)
@@ -287,7 +340,7 @@ func (s *Session) readControl() {
 				return
 			}
 		default:
-			s.fail(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: errors.New("not allowed on the control connection now")})
+			s.refuse(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: errors.New("not allowed on the control connection now")})
 			return
 		}
 	}
@@ -311,11 +364,8 @@ func (s *Session) heartbeat() {
 		nonce++
 		p := Ping{Nonce: nonce, Received: uint64(s.received.Load()), Applied: s.applied.Load()}
 		if err := s.writeControl(FramePing, p.Append(nil), s.cfg.Timeout); err != nil {
-			select {
-			case <-s.done:
-			default:
-				s.fail(fmt.Errorf("link: sending a heartbeat: %w", err))
-			}
+			// A peer that gave up sent ERROR before closing: let the control reader read it.
+			s.failSoon(fmt.Errorf("link: sending a heartbeat: %w", err))
 			return
 		}
 	}
@@ -450,14 +500,18 @@ func (s *Session) SendData(b []byte) error {
 		s.lastSeq = seq
 	}
 	select {
-	case s.out <- b:
-		return nil
-	case <-s.done:
-		if s.release != nil {
-			s.release(b)
+	case <-s.done: // checked first: a queue with room must not hide that the session ended
+	default:
+		select {
+		case s.out <- b:
+			return nil
+		case <-s.done:
 		}
-		return s.Err()
 	}
+	if s.release != nil {
+		s.release(b)
+	}
+	return s.ended()
 }
 
 // Busy is how full the sender's queue is, 0 to 1: near 1 the connections are the bottleneck.
@@ -473,8 +527,15 @@ func (s *Session) writeData(c *conn) {
 			return
 		}
 		if s.lim != nil {
-			if err := s.lim.WaitN(context.Background(), len(b)); err != nil {
-				s.fail(fmt.Errorf("link: bandwidth limiter: %w", err))
+			if err := s.waitBandwidth(len(b)); err != nil {
+				if s.release != nil {
+					s.release(b)
+				}
+				select {
+				case <-s.done:
+				default:
+					s.fail(fmt.Errorf("link: bandwidth limiter: %w", err))
+				}
 				return
 			}
 		}
@@ -484,14 +545,24 @@ func (s *Session) writeData(c *conn) {
 			s.release(b)
 		}
 		if err != nil {
-			select {
-			case <-s.done:
-			default:
-				s.fail(fmt.Errorf("link: writing on the %s connection: %w", c.name, err))
-			}
+			// A receiver that gave up sent ERROR before closing: let the control reader read it.
+			s.failSoon(fmt.Errorf("link: writing on the %s connection: %w", c.name, err))
 			return
 		}
 	}
+}
+
+// waitBandwidth takes n bytes from the limiter, at most a burst at a time (an END frame may be
+// larger than the burst), and gives up when the session ends.
+func (s *Session) waitBandwidth(n int) error {
+	for n > 0 {
+		k := min(n, s.lim.Burst())
+		if err := s.lim.WaitN(s.ctx, k); err != nil {
+			return err
+		}
+		n -= k
+	}
+	return nil
 }
 
 // Drain waits until every queued data frame has been handed to its connection.
@@ -499,7 +570,7 @@ func (s *Session) Drain(ctx context.Context) error {
 	for len(s.out) > 0 {
 		select {
 		case <-s.done:
-			return s.Err()
+			return s.ended()
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-time.After(time.Millisecond):
@@ -608,7 +679,11 @@ func (l *Listener) Accept(ctx context.Context, check func(Hello) (Welcome, error
 			}
 		}
 		if err != nil {
-			ctl.fr.WriteFrame(FrameError, AppendError(nil, CodeProtocol, err.Error()))
+			code := CodeProtocol
+			if ctx.Err() != nil {
+				code = CodeCancelled
+			}
+			ctl.fr.WriteFrame(FrameError, AppendError(nil, code, err.Error()))
 			s.closeConns(false)
 			return nil, err
 		}
@@ -635,6 +710,9 @@ func (s *Session) acceptOne(ctx context.Context, l net.Listener, name string) (*
 		return nil, h, fmt.Errorf("link: accepting: %w", err)
 	}
 	nc.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
+	// The context ends the wait for the HELLO too, not only the TLS handshake.
+	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Now()) })
+	defer stop()
 	c := &conn{name: name, nc: nc}
 	if s.cfg.TLS != nil {
 		tc := tls.Server(nc, s.cfg.TLS)
@@ -658,9 +736,21 @@ func (s *Session) acceptOne(ctx context.Context, l net.Listener, name string) (*
 	if err == nil {
 		h, err = ParseHello(f.Payload)
 	}
+	if err != nil && ctx.Err() != nil {
+		c.nc.Close()
+		return nil, h, fmt.Errorf("link: waiting for the sender's HELLO: %w", context.Cause(ctx))
+	}
 	if err != nil {
+		if f.Type != 0 || badFrame(err) {
+			// The peer sent something, not a HELLO this side takes: tell it what (PROTOCOL.md §2).
+			c.fr.WriteFrame(FrameError, AppendError(nil, CodeProtocol, err.Error()))
+		}
 		c.nc.Close()
 		return nil, h, fmt.Errorf("link: first frame from %s: %w", nc.RemoteAddr(), err)
+	}
+	if !stop() {
+		c.nc.Close()
+		return nil, h, fmt.Errorf("link: waiting for the sender's HELLO: %w", context.Cause(ctx))
 	}
 	nc.SetDeadline(time.Time{})
 	return c, h, nil
@@ -672,6 +762,10 @@ func (s *Session) readData(c *conn) {
 	for {
 		f, err := c.fr.ReadFrame()
 		if err != nil {
+			if badFrame(err) {
+				s.refuse(err)
+				return
+			}
 			if err == io.EOF {
 				err = fmt.Errorf("link: the sender closed the %s connection", c.name)
 			}
@@ -679,12 +773,12 @@ func (s *Session) readData(c *conn) {
 			return
 		}
 		if !f.Type.IsData() {
-			s.fail(&ProtocolError{Conn: c.name, Offset: f.Offset, Type: f.Type, Err: errors.New("a control frame on a data connection")})
+			s.refuse(&ProtocolError{Conn: c.name, Offset: f.Offset, Type: f.Type, Err: errors.New("a control frame on a data connection")})
 			return
 		}
 		seq := f.Seq()
 		if len(f.Payload) < 8 || seq <= last {
-			s.fail(&ProtocolError{Conn: c.name, Offset: f.Offset, Type: f.Type, Err: fmt.Errorf("sequence number %d after %d on this connection", seq, last)})
+			s.refuse(&ProtocolError{Conn: c.name, Offset: f.Offset, Type: f.Type, Err: fmt.Errorf("sequence number %d after %d on this connection", seq, last)})
 			return
 		}
 		last = seq
@@ -723,7 +817,7 @@ func (s *Session) hold(seq uint64, f Frame) bool {
 	}
 	if seq < s.next || s.pending[seq].Type != 0 {
 		s.rmu.Unlock()
-		s.fail(fmt.Errorf("link: data frame %d received twice", seq))
+		s.refuse(fmt.Errorf("link: data frame %d received twice", seq))
 		s.rmu.Lock()
 		return false
 	}
