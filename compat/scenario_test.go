@@ -89,6 +89,21 @@ func migrateAndVerify(t testing.TB, srcQ, dstQ QEMU, accel string, g guestCase) 
 // page for page and passes the guest's own check, and after `cont` the guest keeps printing.
 func checkMigrated(t testing.TB, srcQ, dstQ QEMU, accel string, g guestCase, migrate func(ctx context.Context, src, dst *VM, uri string) error) {
 	t.Helper()
+	checkMigratedIn(t, placement{}, srcQ, dstQ, accel, g, migrate)
+}
+
+// placement says which network namespace each QEMU runs in ("" = this one), and how the
+// destination is prepared: with dstSetup it starts with `-incoming defer`, dstSetup runs (e.g.
+// capabilities that must be set before the incoming migration starts), then migrate-incoming.
+type placement struct {
+	srcNS, dstNS string
+	dstSetup     func(ctx context.Context, dst *VM) error
+}
+
+// checkMigratedIn is checkMigrated with the two QEMUs in the namespaces of pl (the destination
+// listens on its namespace's loopback).
+func checkMigratedIn(t testing.TB, pl placement, srcQ, dstQ QEMU, accel string, g guestCase, migrate func(ctx context.Context, src, dst *VM, uri string) error) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	machine := MachineFor(srcQ, dstQ)
@@ -98,9 +113,21 @@ func checkMigrated(t testing.TB, srcQ, dstQ QEMU, accel string, g guestCase, mig
 		t.Fatal(err)
 	}
 	uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
-	src := StartVM(t, VMConfig{Name: "src", QEMU: srcQ, Machine: machine, Accel: accel, MemMiB: g.memMiB, Disk: disk})
+	src := StartVM(t, VMConfig{Name: "src", QEMU: srcQ, Machine: machine, Accel: accel, MemMiB: g.memMiB, Disk: disk, Netns: pl.srcNS})
+	incoming := uri
+	if pl.dstSetup != nil {
+		incoming = "defer"
+	}
 	dst := StartVM(t, VMConfig{Name: "dst", QEMU: dstQ, Machine: machine, Accel: accel, MemMiB: g.memMiB, Disk: disk,
-		Incoming: uri, Paused: true})
+		Incoming: incoming, Paused: true, Netns: pl.dstNS})
+	if pl.dstSetup != nil {
+		if err := pl.dstSetup(ctx, dst); err != nil {
+			t.Fatal(err)
+		}
+		if err := dst.QMP.MigrateIncoming(ctx, uri); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if err := src.WaitMoreSerial(ctx, g.progress, 3); err != nil {
 		t.Fatal(err)
 	}

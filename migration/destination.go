@@ -60,6 +60,11 @@ func runPreflight(ctx context.Context, src, dst *qmp.Client, o savevm.Options) e
 	if err != nil {
 		return fmt.Errorf("preflight: reading the destination: %w", err)
 	}
+	// The sidecar serves the source's multifd channels itself (forwarded to a destination
+	// with multifd, merged into one stream for one without: multifd.go), so the two sides
+	// need not agree on it as QEMU to QEMU would.
+	delete(sf.Capabilities, "multifd")
+	delete(df.Capabilities, "multifd")
 	rep := preflight.Compare(sf, df)
 	if o.Warn != nil {
 		for _, c := range rep.Checks {

@@ -32,6 +32,9 @@ type MigrateOptions struct {
 	ConnectTimeout time.Duration
 	// Link configures the link when To is a receiving sidecar (qmg://HOST:PORT).
 	Link LinkOptions
+	// Multifd > 0 turns multifd on at the source with that many channels (set back
+	// afterwards); a source that has multifd on already is served as it is.
+	Multifd int
 }
 
 // Failure classes, for exit codes (README "Exit codes").
@@ -92,6 +95,9 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 	if err := m.checkDestination(ctx); err != nil {
 		return m.fail(classOf(err, ErrDestination), err)
 	}
+	if err := m.planMultifd(ctx); err != nil {
+		return m.fail(classOf(err, ErrSource), err)
+	}
 	if err := m.openDestination(ctx); err != nil {
 		return m.fail(classOf(err, ErrDestination), err)
 	}
@@ -132,6 +138,9 @@ type migration struct {
 	dconn   transport.Conn // the destination's stream connection
 	private net.Listener   // the private socket the source migrates into
 	sconn   net.Conn       // the source's connection to it
+	// multifd is how the source's multifd channels are served; channels what the engine gets.
+	multifd  *multifdPlan
+	channels *savevm.Multifd
 
 	session   *link.Session // the link to a receiving sidecar (To is qmg://)
 	engine    *savevm.Relay
@@ -269,6 +278,9 @@ func (m *migration) openDestination(ctx context.Context) error {
 			dconn.Abort() // a reset, never a clean end of stream
 		}
 	})
+	if err := m.openChannels(cctx); err != nil {
+		return err
+	}
 	return m.listenPrivate()
 }
 
@@ -300,19 +312,16 @@ func (m *migration) startSource(ctx context.Context) error {
 	if err := savevm.Hold(sctx, m.src, m.o.Policy); err != nil {
 		return err
 	}
+	if err := m.enableMultifd(sctx); err != nil {
+		return err
+	}
 	if err := m.src.Migrate(sctx, "unix:"+m.private.Addr().String()); err != nil {
 		return err
 	}
 	m.phase = savevm.PhaseSetup
 	actx, acancel := context.WithTimeout(ctx, m.o.ConnectTimeout)
 	defer acancel()
-	c, err := acceptBefore(actx, m.private)
-	if err != nil {
-		return fmt.Errorf("the source QEMU did not connect to the private socket: %w", err)
-	}
-	m.sconn = c
-	m.defer_(func() { c.Close() })
-	return nil
+	return m.acceptSource(actx)
 }
 
 // keepCapabilities arranges for the capabilities Hold turns on to be set back afterwards.
@@ -344,6 +353,9 @@ func (m *migration) run(ctx context.Context) (Summary, error) {
 		return m.runLink(ctx)
 	}
 	m.engine = savevm.NewRelay(m.sconn, m.dconn, m.src, m.o.Options)
+	if m.channels != nil {
+		m.engine.SetMultifd(m.channels)
+	}
 	return m.engine.Run(ctx)
 }
 

@@ -161,6 +161,12 @@ type Relay struct {
 	compressedPages atomic.Int64
 
 	rp returnPath // the source's return path, when the source opened one
+
+	// Multifd: the source's channels (SetMultifd), the merge state when they go into the
+	// plain stream, and the first channel's failure.
+	multifd *Multifd
+	merge   *merger
+	chanErr atomic.Pointer[error]
 	// newLinkOutput makes the link output instead of a QEMU stream (NewLinkRelay), and
 	// linkBytes counts what it sent.
 	newLinkOutput func(*Relay) output
@@ -534,6 +540,12 @@ func (r *Relay) pump() error {
 	opts = append(opts, out.readerOptions()...)
 	rd := stream.NewReader(counter, opts...)
 	out.attach(rd)
+	if err := r.startChannels(out); err != nil {
+		return err
+	}
+	if r.merge != nil {
+		defer r.merge.stop()
+	}
 	var tailStart time.Time
 	var tailFrom int64
 	for {
@@ -542,7 +554,13 @@ func (r *Relay) pump() error {
 			break
 		}
 		if err != nil {
+			if ce := r.chanErr.Load(); ce != nil {
+				return *ce // the source's stream broke because a channel failed first
+			}
 			return fmt.Errorf("source stream: %w", err)
+		}
+		if err := r.mergeHook(rec, true); err != nil {
+			return err
 		}
 		switch rec.Kind {
 		case stream.KindSectionPart:
@@ -569,9 +587,20 @@ func (r *Relay) pump() error {
 		if err := out.handle(rec); err != nil {
 			return err
 		}
+		if err := r.mergeHook(rec, false); err != nil {
+			return err
+		}
 		if rec.Kind == stream.KindVMDesc && r.rp.open {
 			// The source waits for SHUT before it closes its end: the stream is complete.
 			break
+		}
+	}
+	if r.merge != nil {
+		if err := r.merge.drained(30 * time.Second); err != nil {
+			if ce := r.chanErr.Load(); ce != nil {
+				return *ce
+			}
+			return &DestinationError{Err: err}
 		}
 	}
 	if err := out.finish(); err != nil {
@@ -596,6 +625,65 @@ func (r *Relay) pump() error {
 	// The destination has everything: now the source may complete.
 	if err := r.rp.shut(); err != nil {
 		r.warn(fmt.Sprintf("telling the source the migration is complete (SHUT on its return path): %v", err))
+	}
+	return nil
+}
+
+// startChannels starts serving the source's multifd channels, if it has any.
+func (r *Relay) startChannels(out output) error {
+	if r.multifd == nil {
+		return nil
+	}
+	po, ok := out.(*passOutput)
+	if !ok {
+		return errors.New("a multifd source cannot be sent over the link (yet): migrate it without multifd, or relay it with --to tcp:")
+	}
+	r.runChannels(po, func(err error) {
+		if r.chanErr.CompareAndSwap(nil, &err) {
+			r.src.Close() // end the main stream's read: the relay fails with err
+			if r.merge != nil {
+				r.merge.stop()
+			}
+		}
+	})
+	return nil
+}
+
+// mergeHook keeps the merge of multifd channels in step with the main stream: before a record,
+// a sync point waits for every channel's SYNC and an EOS closes the section body; after a ram
+// section header the body is open for the channels' pages.
+func (r *Relay) mergeHook(rec *stream.Record, before bool) error {
+	m := r.merge
+	if m == nil || rec.Depth != 0 {
+		return nil
+	}
+	if !before {
+		switch rec.Kind {
+		case stream.KindSectionStart, stream.KindSectionPart, stream.KindSectionEnd:
+			if rec.Section.Idstr == "ram" {
+				m.section(true)
+			}
+		}
+		return nil
+	}
+	if m.mainRecord(rec, r.multifd.Layout) {
+		if err := m.syncPoint(); err != nil {
+			if ce := r.chanErr.Load(); ce != nil {
+				return *ce
+			}
+			return err
+		}
+	}
+	// A ram body stays open for the channels' pages after its EOS (passOutput holds EOS and
+	// footer back) until the next top-level record.
+	switch {
+	case rec.Kind == stream.KindRAM && rec.RAM.Flags&^stream.RAMContinue == stream.RAMEOS:
+		m.eosSeen = true
+	case rec.Kind != stream.KindRAM && rec.Kind != stream.KindFooter && rec.Kind != stream.KindCommand && m.eosSeen:
+		m.eosSeen = false
+		if !m.forward {
+			m.section(false)
+		}
 	}
 	return nil
 }

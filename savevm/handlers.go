@@ -21,10 +21,10 @@ type liveHandler interface {
 // with what it writes to a Writer, or drop it.
 type recordOut interface {
 	pass(rec *stream.Record) error
-	// replace returns a Writer for the bytes that stand for rec; its CONTINUE block is reset,
-	// so a replacement names its block (the destination then resolves later CONTINUE records
-	// to the same block as the original would have made it).
-	replace(rec *stream.Record) *stream.Writer
+	// replace puts what write writes instead of rec; the Writer's CONTINUE block is reset, so a
+	// replacement names its block (the destination then resolves later CONTINUE records to
+	// the same block as the original would have made it).
+	replace(rec *stream.Record, write func(w *stream.Writer) error) error
 	drop(rec *stream.Record)
 	// offset is the number of bytes produced for the destination so far.
 	offset() int64
@@ -156,7 +156,7 @@ func (m *ramRelay) record(rec *stream.Record) error {
 				m.page[i] = r.Fill
 			}
 			m.h.rewritten("rewrote ZERO records with a non-zero fill byte as PAGE records")
-			return m.h.out.replace(rec).WritePage(r.Offset, r.Block, m.page[:])
+			return m.h.out.replace(rec, func(w *stream.Writer) error { return w.WritePage(r.Offset, r.Block, m.page[:]) })
 		}
 	case stream.RAMCompressPage:
 		if m.h.dst10 {
@@ -166,7 +166,7 @@ func (m *ramRelay) record(rec *stream.Record) error {
 				return fmt.Errorf("ram: COMPRESS_PAGE at offset %d of %q: inflating: %v", r.Offset, r.Block, err)
 			}
 			m.h.rewritten("inflated COMPRESS_PAGE records for a QEMU 10.0 destination")
-			return m.h.out.replace(rec).WritePage(r.Offset, r.Block, m.page[:])
+			return m.h.out.replace(rec, func(w *stream.Writer) error { return w.WritePage(r.Offset, r.Block, m.page[:]) })
 		}
 	case stream.RAMMultifdFlush:
 		if m.h.dst72 {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sync"
 	"time"
 	"unsafe"
 
@@ -40,13 +41,42 @@ type passOutput struct {
 
 	tailStart int64 // source offset of the tail's first byte; -1 before the tail
 	fwd       int64 // source offset up to which the arriving tail was forwarded
+
+	// Merge mode (multifd channels into this stream): mu guards the queue and the writes,
+	// which channel goroutines share with the pump; destLast is the block the destination
+	// resolves CONTINUE to, which inserted pages change.
+	mu       sync.Mutex
+	locking  bool
+	destLast string
+	ins      replBuffer
+	insW     *stream.Writer
+	// held is a ram body's EOS with what follows it up to the next section (its footer,
+	// commands such as SWITCHOVER_START), kept back (merge): QEMU keeps the next section's
+	// header in its buffer while its channels already send that section's pages, which must
+	// still find a section body open in this stream.
+	held    []byte
+	holding bool
 }
 
 func newPassOutput(r *Relay) *passOutput {
 	o := &passOutput{r: r, w: &countingWriter{w: r.dst, n: &r.bytesOut}, tailStart: -1, fwd: -1}
 	o.rw = stream.NewWriter(&o.repl)
+	o.insW = stream.NewWriter(&o.ins)
 	o.h = newHandlers(r, o)
+	o.locking = r.merge != nil && !r.merge.forward
 	return o
+}
+
+func (o *passOutput) lock() {
+	if o.locking {
+		o.mu.Lock()
+	}
+}
+
+func (o *passOutput) unlock() {
+	if o.locking {
+		o.mu.Unlock()
+	}
 }
 
 func (o *passOutput) readerOptions() []stream.Option {
@@ -83,8 +113,31 @@ func (o *passOutput) add(b []byte) {
 
 // pass queues rec's own bytes.
 func (o *passOutput) pass(rec *stream.Record) error {
+	o.lock()
+	defer o.unlock()
 	o.endReplace()
 	raw := o.rd.Raw()
+	if o.locking && rec.Depth == 0 && raw != nil {
+		switch {
+		case rec.Kind == stream.KindRAM && rec.RAM.Flags&^stream.RAMContinue == stream.RAMEOS:
+			o.held, o.holding = append(o.held[:0], raw...), true
+			return nil
+		case (rec.Kind == stream.KindFooter || rec.Kind == stream.KindCommand) && o.holding:
+			o.held = append(o.held, raw...)
+			return nil
+		}
+	}
+	o.releaseHeld()
+	if rec.Kind == stream.KindRAM && rec.RAM.Block != "" {
+		if rec.RAM.Flags&stream.RAMContinue != 0 && o.destLast != rec.RAM.Block && o.locking {
+			// Pages inserted from a multifd channel named another block since: this record
+			// must name its own.
+			named := *rec
+			named.RAM.Flags &^= stream.RAMContinue
+			return o.replaceLocked(&named).WriteRecord(&named)
+		}
+		o.destLast = rec.RAM.Block
+	}
 	switch {
 	case rec.Kind == stream.KindPackageEnd:
 		return nil // the PACKAGED header counted every byte of the package
@@ -96,7 +149,7 @@ func (o *passOutput) pass(rec *stream.Record) error {
 		return nil
 	case raw == nil:
 		// Not in one piece in memory (a vmdesc larger than the buffer): encode it.
-		w := o.replace(rec)
+		w := o.replaceLocked(rec)
 		return w.WriteRecord(rec)
 	}
 	if rec.Depth > 0 && o.tailStart >= 0 && rec.Offset < o.fwd {
@@ -114,8 +167,32 @@ func (o *passOutput) pass(rec *stream.Record) error {
 	return nil
 }
 
-// replace returns the scratch Writer whose output stands for rec.
-func (o *passOutput) replace(rec *stream.Record) *stream.Writer {
+// replace puts what write makes instead of rec.
+func (o *passOutput) replace(rec *stream.Record, write func(*stream.Writer) error) error {
+	o.lock()
+	defer o.unlock()
+	err := write(o.replaceLocked(rec))
+	o.endReplace()
+	return err
+}
+
+// releaseHeld queues a held EOS and footer.
+func (o *passOutput) releaseHeld() {
+	if !o.holding {
+		return
+	}
+	o.holding = false
+	o.endReplace()
+	from := len(o.repl.b)
+	o.repl.b = append(o.repl.b, o.held...)
+	o.add(o.repl.b[from:len(o.repl.b):len(o.repl.b)])
+}
+
+func (o *passOutput) replaceLocked(rec *stream.Record) *stream.Writer {
+	o.releaseHeld()
+	if rec.Kind == stream.KindRAM && rec.RAM.Block != "" {
+		o.destLast = rec.RAM.Block // a replacement names its block
+	}
 	o.endReplace()
 	o.noTail(rec)
 	o.replacing = true
@@ -126,7 +203,9 @@ func (o *passOutput) replace(rec *stream.Record) *stream.Writer {
 
 // drop leaves rec out.
 func (o *passOutput) drop(rec *stream.Record) {
-	o.endReplace()
+	o.lock()
+	defer o.unlock()
+	o.endReplace() // a dropped record leaves a held EOS held: nothing goes out for it
 	o.noTail(rec)
 }
 
@@ -152,6 +231,12 @@ func (o *passOutput) endReplace() {
 
 // flush writes everything queued (one writev). It runs before the Reader reads again.
 func (o *passOutput) flush() {
+	o.lock()
+	defer o.unlock()
+	o.flushLocked()
+}
+
+func (o *passOutput) flushLocked() {
 	o.endReplace()
 	if o.err != nil || len(o.iov) == 0 {
 		return
@@ -172,8 +257,20 @@ func (o *passOutput) tailArrived(tail []byte) {
 		o.tailStart = o.rd.Offset()
 		o.fwd = o.tailStart
 		o.r.markTail(o.written())
+		if m := o.r.merge; m != nil && !m.forward {
+			// The device state begins: no ram body is open from here on, and every channel
+			// must have delivered its last SYNC (a page after it would have nowhere to go).
+			m.section(false)
+			if err := m.drained(10 * time.Second); err != nil && o.err == nil {
+				o.err = err
+			}
+			m.closeForGood()
+		}
 	}
-	o.flush()
+	o.lock()
+	defer o.unlock()
+	o.releaseHeld()
+	o.flushLocked()
 	n := int64(stream.SafeTailPrefix(tail))
 	if from := o.fwd - o.tailStart; n > from && o.err == nil {
 		m, err := o.w.Write(tail[from:n])
@@ -187,6 +284,9 @@ func (o *passOutput) tailArrived(tail []byte) {
 
 // finish writes the rest and closes the destination cleanly: it has the complete stream.
 func (o *passOutput) finish() error {
+	o.lock()
+	o.releaseHeld()
+	o.unlock()
 	o.flush()
 	if o.err != nil {
 		return o.err // a write error is already a *DestinationError
@@ -195,6 +295,43 @@ func (o *passOutput) finish() error {
 		return &DestinationError{Err: fmt.Errorf("finishing the stream: %w", err)}
 	}
 	return nil
+}
+
+// insertPacket writes the pages of a multifd packet into the stream, after everything queued
+// (merge mode; the caller has checked that a ram section body is open and that the packet's
+// epoch is the stream's).
+func (o *passOutput) insertPacket(p *stream.MultifdPacket, layout stream.MultifdLayout) error {
+	o.lock()
+	defer o.unlock()
+	o.flushLocked()
+	if o.err != nil {
+		return o.err
+	}
+	block := p.BlockName()
+	o.insW.ResetContinue()
+	o.ins.b = o.ins.b[:0]
+	for i, off := range p.NormalOffsets() {
+		if err := o.insW.WritePage(off, block, p.Page(i)); err != nil {
+			return err
+		}
+	}
+	if layout == stream.MultifdV100 {
+		for _, off := range p.ZeroOffsets() {
+			if err := o.insW.WriteZero(stream.RAMZero|o.insW.Continue(block), off, block, 0); err != nil {
+				return err
+			}
+		}
+	}
+	if err := o.insW.Flush(); err != nil {
+		return err
+	}
+	n, err := o.w.Write(o.ins.b)
+	o.produced += int64(n)
+	o.destLast = block
+	if err != nil {
+		o.err = err
+	}
+	return err
 }
 
 // replBuffer collects the scratch Writer's output.

@@ -44,6 +44,7 @@ func migrateFlags() []cli.Flag {
 		&cli.StringFlag{Name: "timeout-action", Value: "abort", Usage: "at --timeout: abort (source keeps running) or pause (stop the guest to complete)"},
 		&cli.DurationFlag{Name: "stall-timeout", Value: 30 * time.Second, Usage: "abort when no data moves for this long"},
 		&cli.BoolFlag{Name: "auto-converge", Usage: "let QEMU throttle the guest's vCPUs, increasingly, while it dirties memory faster than the link carries it"},
+		&cli.IntFlag{Name: "multifd", Usage: "turn multifd on at the source with N channels (a source with multifd on already is served as it is): forwarded to a destination with multifd (--dst-qmp), merged into one stream otherwise"},
 		&cli.BoolFlag{Name: "json", Usage: "write JSON-lines events to stdout (schema: README)"},
 		&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no progress display, only errors"},
 		&cli.BoolFlag{Name: "no-preflight", Usage: "with --dst-qmp: skip the pre-flight checks (preflight command) before sending"},
@@ -109,6 +110,7 @@ func runMigrate(c *cli.Context) error {
 			Events: ui.event,
 			Warn:   ui.warn,
 		},
+		Multifd: c.Int("multifd"),
 		Link: migration.LinkOptions{TLS: linkTLS(c), NoTLS: c.Bool("no-tls"), Connections: c.Int("connections"),
 			Compress: c.String("compress"), Timeout: c.Duration("link-timeout")},
 	}
