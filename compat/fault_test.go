@@ -57,8 +57,9 @@ type eventWriter struct {
 	buf    []byte
 	p      *sidecarProc
 	on      func(*sidecarProc, savevm.Event)
-	phases  []savevm.Phase
-	summary *savevm.Summary
+	phases    []savevm.Phase
+	summary   *savevm.Summary
+	listening bool // a receiver's listening event came
 }
 
 func (w *eventWriter) Write(p []byte) (int, error) {
@@ -77,6 +78,9 @@ func (w *eventWriter) Write(p []byte) (int, error) {
 			}
 			if e.Type == "summary" {
 				w.summary = e.Summary
+			}
+			if e.Type == "listening" {
+				w.listening = true
 			}
 			if w.on != nil {
 				w.on(w.p, e)

@@ -118,6 +118,17 @@ func (m *migration) awaitStatus(ctx context.Context) error {
 		}
 		return fmt.Errorf("the destination did not start after receiving the complete stream: %s", msg)
 	case <-m.session.Done():
+		// The receiver closes the link right after STATUS: a STATUS already read wins.
+		select {
+		case f := <-m.session.Control():
+			if f.Type == link.FrameStatus {
+				if st, msg := statusOf(f.Payload); st != "running" && st != "paused" {
+					return fmt.Errorf("the destination did not start after receiving the complete stream: %s", msg)
+				}
+				return nil
+			}
+		default:
+		}
 		return fmt.Errorf("the link closed before the receiver reported the destination's state: %v", orClosedErr(m.session.Err()))
 	case <-ctx.Done():
 		return fmt.Errorf("no report of the destination's state from the receiver: %w", ctx.Err())

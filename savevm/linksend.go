@@ -563,6 +563,13 @@ func (o *linkOutput) await(t link.FrameType, timeout time.Duration) (link.Frame,
 		}
 		return f, nil
 	case <-o.s.Done():
+		select { // a frame the receiver sent just before it closed still counts
+		case f := <-o.s.Control():
+			if f.Type == t {
+				return f, nil
+			}
+		default:
+		}
 		return link.Frame{}, &DestinationError{Err: fmt.Errorf("waiting for %s: %w", t, orClosed(o.s.Err()))}
 	case <-timer.C:
 		return link.Frame{}, &DestinationError{Err: fmt.Errorf("link: no %s from the receiver within %v", t, timeout)}
