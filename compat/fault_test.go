@@ -53,10 +53,10 @@ func recordFault(t *testing.T, code int, wall time.Duration, source, msg string)
 // eventWriter is the sidecar's stdout: it decodes the --json lines as they come and hands each
 // event to on, synchronously, so that a fault can be injected at a phase.
 type eventWriter struct {
-	mu     sync.Mutex
-	buf    []byte
-	p      *sidecarProc
-	on      func(*sidecarProc, savevm.Event)
+	mu        sync.Mutex
+	buf       []byte
+	p         *sidecarProc
+	on        func(*sidecarProc, savevm.Event)
 	phases    []savevm.Phase
 	summary   *savevm.Summary
 	listening bool // a receiver's listening event came

@@ -126,7 +126,9 @@ func TestLinkRefused(t *testing.T) {
 	q := requireQEMU(t, "10.0")
 	ends, np := netEnds(t, NetOptions{})
 	pki := NewTestPKI(t, np.Dst.Addr.String())
-	good := func(kp *KeyPair) []string { return []string{"--tls-cert", kp.CertFile, "--tls-key", kp.KeyFile, "--tls-ca", pki.CA.CertFile} }
+	good := func(kp *KeyPair) []string {
+		return []string{"--tls-cert", kp.CertFile, "--tls-key", kp.KeyFile, "--tls-ca", pki.CA.CertFile}
+	}
 	with := func(kp *KeyPair, ca string) []string {
 		return []string{"--tls-cert", kp.CertFile, "--tls-key", kp.KeyFile, "--tls-ca", ca}
 	}

@@ -141,7 +141,6 @@ func killBusiestConn(port int) error {
 	return nil
 }
 
-
 // TestMultifdRefused: a source whose multifd the sidecar cannot serve — compressed channels
 // towards a destination without multifd — is refused before anything is sent, with a message,
 // and the source is untouched.

@@ -13,7 +13,6 @@ import (
 // errShort is wrapped when a payload ends before a field.
 var errShort = errors.New("payload too short")
 
-
 // begin starts a data frame: header with a provisional length, and the sequence number.
 func begin(dst []byte, t FrameType, seq uint64) []byte {
 	dst = AppendHeader(dst, t, 0)
