@@ -59,7 +59,8 @@ type eventWriter struct {
 	on        func(*sidecarProc, savevm.Event)
 	phases    []savevm.Phase
 	summary   *savevm.Summary
-	listening bool // a receiver's listening event came
+	listening bool     // a receiver's listening event came
+	recent    []string // the last few event lines, for a timeout's message
 }
 
 func (w *eventWriter) Write(p []byte) (int, error) {
@@ -70,6 +71,10 @@ func (w *eventWriter) Write(p []byte) (int, error) {
 		i := bytes.IndexByte(w.buf, '\n')
 		if i < 0 {
 			break
+		}
+		w.recent = append(w.recent, string(w.buf[:i]))
+		if len(w.recent) > 400 {
+			w.recent = w.recent[1:]
 		}
 		var e savevm.Event
 		if json.Unmarshal(w.buf[:i], &e) == nil {
@@ -151,7 +156,10 @@ func (p *sidecarProc) wait(t *testing.T, limit time.Duration) (int, time.Duratio
 	case <-time.After(limit - time.Since(p.start)):
 		p.cmd.Process.Kill()
 		<-p.done
-		t.Fatalf("sidecar did not exit within %v; stderr: %s", limit, p.stderr.String())
+		p.out.mu.Lock()
+		recent := strings.Join(p.out.recent, "\n")
+		p.out.mu.Unlock()
+		t.Fatalf("sidecar did not exit within %v; stderr: %s\nlast events:\n%s", limit, p.stderr.String(), recent)
 	}
 	code := 0
 	var ee *exec.ExitError
@@ -409,6 +417,12 @@ func TestFault(t *testing.T) {
 			args := []string{"--qmp", src.SidecarQMP, "--to", uri, "--json"}
 			if c.ph != savevm.PhaseIterate {
 				args = append(args, "--max-iterations", "1")
+			}
+			if c.ph == savevm.PhaseDevices {
+				// The devices phase ends within milliseconds at the point of no return
+				// (the sidecar's SHUT); the test-only delay before it keeps the kill
+				// inside the phase the row names instead of racing it.
+				t.Setenv("QMG_TEST_COMMIT_DELAY", "1s")
 			}
 			p := startSidecar(t, atPhase(c.ph, func(p *sidecarProc) { p.cmd.Process.Kill() }), args...)
 			code, wall, _ := p.wait(t, 30*time.Second)

@@ -35,6 +35,9 @@ type MigrateOptions struct {
 	// Multifd > 0 turns multifd on at the source with that many channels (set back
 	// afterwards); a source that has multifd on already is served as it is.
 	Multifd int
+	// RecoverTimeout bounds the automatic recovery of a postcopy whose connections broke
+	// (default DefaultRecoverTimeout).
+	RecoverTimeout time.Duration
 }
 
 // Failure classes, for exit codes (README "Exit codes").
@@ -98,6 +101,9 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 	if err := m.planMultifd(ctx); err != nil {
 		return m.fail(classOf(err, ErrSource), err)
 	}
+	if err := m.preparePostcopy(ctx); err != nil {
+		return m.fail(classOf(err, ErrDestination), err)
+	}
 	if err := m.openDestination(ctx); err != nil {
 		return m.fail(classOf(err, ErrDestination), err)
 	}
@@ -115,6 +121,11 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 		}
 		if m.engine == nil {
 			return m.recoverFrom(ctx, err, classOf(err, ErrSource), m.phase)
+		}
+		if m.engine.Started() {
+			// The guest runs on the destination: never undo; repair the connection instead.
+			m.resumedSum = sum
+			return m.recoverPostcopy(ctx, err)
 		}
 		return m.recoverFrom(ctx, err, classify(err, ctx), m.engine.Phase())
 	}
@@ -142,10 +153,11 @@ type migration struct {
 	multifd  *multifdPlan
 	channels *savevm.Multifd
 
-	session   *link.Session // the link to a receiving sidecar (To is qmg://)
-	engine    *savevm.Relay
-	phase     savevm.Phase
-	delivered bool // the destination has the complete stream: never resume the source
+	session    *link.Session // the link to a receiving sidecar (To is qmg://)
+	engine     *savevm.Relay
+	resumedSum Summary // what the relay reported after a postcopy recovery
+	phase      savevm.Phase
+	delivered  bool // the destination has the complete stream: never resume the source
 }
 
 func (m *migration) defer_(f func()) { m.cleanup = append(m.cleanup, f) }
@@ -281,6 +293,7 @@ func (m *migration) openDestination(ctx context.Context) error {
 	if err := m.openChannels(cctx); err != nil {
 		return err
 	}
+	m.lowLatency()
 	return m.listenPrivate()
 }
 

@@ -24,7 +24,7 @@ func recoverSource(src *qmp.Client, ep qmp.Endpoint, wasState string, params map
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	restore := map[string]any{}
-	for _, k := range []string{"downtime-limit", "max-bandwidth"} {
+	for _, k := range []string{"downtime-limit", "max-bandwidth", "max-postcopy-bandwidth"} {
 		if v, ok := params[k]; ok {
 			restore[k] = v
 		}

@@ -90,6 +90,16 @@ type MigrationInfo struct {
 	ErrorDesc        string       `json:"error-desc"`
 }
 
+// InPostcopy reports whether the migration is past its switch to postcopy (the guest runs on
+// the destination): active, paused by a broken connection, or recovering.
+func (m MigrationInfo) InPostcopy() bool {
+	switch m.Status {
+	case "postcopy-active", "postcopy-paused", "postcopy-recover", "postcopy-recover-setup":
+		return true
+	}
+	return false
+}
+
 // Finished reports whether the migration has ended, successfully or not.
 func (m MigrationInfo) Finished() bool {
 	switch m.Status {
@@ -160,6 +170,30 @@ func (c *Client) MigrateIncoming(ctx context.Context, uri string) error {
 // MigrateCancel cancels the current outgoing migration; the source VM keeps its run state.
 func (c *Client) MigrateCancel(ctx context.Context) error {
 	return c.Execute(ctx, "migrate_cancel", nil, nil)
+}
+
+// MigrateStartPostcopy switches a migration with postcopy-ram to postcopy: the source stops the
+// guest, sends the device state and the destination runs it, asking for pages it lacks.
+func (c *Client) MigrateStartPostcopy(ctx context.Context) error {
+	return c.Execute(ctx, "migrate-start-postcopy", nil, nil)
+}
+
+// MigrateRecover makes a destination paused in postcopy (postcopy-paused) listen on uri for the
+// source's resumed migration.
+func (c *Client) MigrateRecover(ctx context.Context, uri string) error {
+	return c.Execute(ctx, "migrate-recover", map[string]any{"uri": uri}, nil)
+}
+
+// MigrateResume makes a source paused in postcopy (postcopy-paused) resume its migration
+// towards uri (migrate with resume: true).
+func (c *Client) MigrateResume(ctx context.Context, uri string) error {
+	return c.Execute(ctx, "migrate", map[string]any{"uri": uri, "resume": true}, nil)
+}
+
+// MigratePause pauses a postcopy migration as a network failure would (postcopy-paused), so that
+// it can be recovered.
+func (c *Client) MigratePause(ctx context.Context) error {
+	return c.Execute(ctx, "migrate-pause", nil, nil)
 }
 
 // MigrateContinue lets a migration paused in state (with pause-before-switchover) go on.

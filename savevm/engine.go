@@ -23,6 +23,7 @@ type Control interface {
 	SetParameters(ctx context.Context, params map[string]any) error
 	SetCapabilities(ctx context.Context, caps map[string]bool) error
 	Stop(ctx context.Context) error
+	MigrateStartPostcopy(ctx context.Context) error
 }
 
 // Options configure a relay.
@@ -52,6 +53,7 @@ const (
 	PhaseSetup    Phase = "setup"    // header, configuration, START sections
 	PhaseIterate  Phase = "iterate"  // PART sections while the guest runs
 	PhaseComplete Phase = "complete" // guest stopped: END sections
+	PhasePostcopy Phase = "postcopy" // the guest runs on the destination, which asks for pages
 	PhaseDevices  Phase = "devices"  // device state (FULL sections), EOF, vmdesc
 	PhaseDone     Phase = "done"     // the destination has the complete stream
 )
@@ -136,6 +138,8 @@ type Summary struct {
 	PausedByPolicy bool `json:"paused_by_policy,omitempty"`
 	// Link is what the link did (migrations over qmg://; receive reports its own side).
 	Link *LinkSummary `json:"link,omitempty"`
+	// Postcopy is what postcopy did (--postcopy).
+	Postcopy *PostcopySummary `json:"postcopy,omitempty"`
 }
 
 // PolicyError is returned when the policy ended the migration (timeout, stall).
@@ -167,6 +171,15 @@ type Relay struct {
 	multifd *Multifd
 	merge   *merger
 	chanErr atomic.Pointer[error]
+
+	pc postcopyState
+	// rd is the source stream's Reader, kept across a postcopy recovery (Resume); out is the
+	// output of the connection being served.
+	rd         *stream.Reader
+	out        output
+	resumes    int
+	firstStart time.Time
+	sections   map[uint32]string // live sections by id (START), kept across a Resume
 	// newLinkOutput makes the link output instead of a QEMU stream (NewLinkRelay), and
 	// linkBytes counts what it sent.
 	newLinkOutput func(*Relay) output
@@ -194,7 +207,11 @@ func NewRelay(src io.ReadCloser, dst io.WriteCloser, ctl Control, opt Options) *
 	r := &Relay{src: src, dst: dst, ctl: ctl, opt: opt, emit: opt.Events}
 	if w, ok := src.(io.Writer); ok && ctl != nil {
 		r.rp.w = w // a live source: its connection carries the return path back to it
+		r.pc.bridge = opt.Policy.Postcopy
+		r.rp.bridge = r.pc.bridge
+		r.rp.postcopyOn = r.pc.started.Load
 	}
+	r.pc.shut = make(chan uint32, 1)
 	if r.emit == nil {
 		r.emit = func(Event) {}
 	}
@@ -211,6 +228,9 @@ func Hold(ctx context.Context, ctl Control, p Policy) error {
 		bw = 1 << 40
 	}
 	params := map[string]any{"max-bandwidth": bw, "downtime-limit": 1}
+	if p.Postcopy {
+		params["max-postcopy-bandwidth"] = p.PostcopyBandwidth
+	}
 	if err := ctl.SetCapabilities(ctx, HoldCapabilities(p)); err != nil {
 		return err
 	}
@@ -224,6 +244,9 @@ func Hold(ctx context.Context, ctl Control, p Policy) error {
 // auto-converge when the policy asks for it.
 func HoldCapabilities(p Policy) map[string]bool {
 	caps := map[string]bool{"events": true, "return-path": true}
+	if p.Postcopy {
+		caps["postcopy-ram"] = true
+	}
 	if p.AutoConverge {
 		caps["auto-converge"] = true
 	}
@@ -242,6 +265,9 @@ func (r *Relay) setPhase(p Phase) {
 	if r.Phase() == p {
 		return
 	}
+	if r.pc.started.Load() && p != PhasePostcopy && p != PhaseDone {
+		return // after the switch the pages of postcopy's sections are still postcopy
+	}
 	r.phase.Store(p)
 	r.emit(r.pages(Event{Type: "phase", Time: time.Now(), Phase: p, Transferred: r.transferred()}))
 }
@@ -251,10 +277,15 @@ func (r *Relay) setPhase(p Phase) {
 // completes the summary (QEMU's own figures) and emits it (EmitSummary).
 func (r *Relay) Run(ctx context.Context) (Summary, error) {
 	start := time.Now()
+	if r.firstStart.IsZero() {
+		r.firstStart = start
+	}
 	outer := ctx
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	r.emit(Event{Type: "phase", Time: start, Phase: PhaseSetup, DowntimeBudgetMs: r.opt.Policy.Downtime.Milliseconds()})
+	if r.resumes == 0 {
+		r.emit(Event{Type: "phase", Time: start, Phase: PhaseSetup, DowntimeBudgetMs: r.opt.Policy.Downtime.Milliseconds()})
+	}
 
 	pumpErr := make(chan error, 1)
 	go func() { pumpErr <- r.pump() }()
@@ -321,11 +352,15 @@ func (r *Relay) Run(ctx context.Context) (Summary, error) {
 	sum.Iterations = r.iteration
 	sum.NormalPages, sum.ZeroPages = r.normalPages.Load(), r.zeroPages.Load()
 	sum.XBZRLEPages, sum.CompressedPages = r.xbzrlePages.Load(), r.compressedPages.Load()
+	sum.Postcopy = r.postcopySummary()
+	if sum.Postcopy != nil {
+		sum.Postcopy.Recoveries = r.resumes
+	}
 	sum.PausedByPolicy = r.pausedByPol
 	stoppedAt := r.stoppedAt
 	r.mu.Unlock()
 	sum.BytesIn, sum.BytesOut = r.bytesIn.Load(), r.transferred()
-	sum.TotalTimeMs = time.Since(start).Milliseconds()
+	sum.TotalTimeMs = time.Since(r.firstStart).Milliseconds() // a resumed relay counts from the first start
 	if err != nil {
 		return sum, err // the caller reports the phase (Relay.Phase)
 	}
@@ -351,6 +386,23 @@ func (r *Relay) pages(e Event) Event {
 	return e
 }
 
+// Resume continues a relay whose connections broke during postcopy on the connections of a
+// recovery: src, the source's resumed migration, and dst, the destination's migrate-recover.
+// The decoding state carries over (stream.Reader.Resume); the source and the destination
+// exchange the received bitmaps and RESUME/RESUME_ACK through the relay as any record.
+func (r *Relay) Resume(ctx context.Context, src io.ReadCloser, dst io.WriteCloser) (Summary, error) {
+	r.src, r.dst = src, dst
+	if w, ok := src.(io.Writer); ok {
+		r.rp.w = w
+	}
+	r.resumes++
+	r.chanErr.Store(nil)
+	r.mu.Lock()
+	r.deliveredAt = time.Time{}
+	r.mu.Unlock()
+	return r.Run(ctx)
+}
+
 // EmitSummary sends the final "summary" event of a finished migration to opt.Events.
 func EmitSummary(opt Options, sum Summary) {
 	if opt.Events != nil {
@@ -374,6 +426,8 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 		rate         float64
 		capacity     float64
 		passes       <-chan qmp.Event
+		best         time.Duration // the lowest expected downtime at a pass so far
+		stalled      int           // passes in a row without a 10 % improvement on best
 	)
 	if pe, ok := r.ctl.(passEvents); ok {
 		ch, unsubscribe := pe.Subscribe()
@@ -428,6 +482,9 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 			continue
 		}
 		if r.Phase() != PhaseSetup && r.Phase() != PhaseIterate {
+			if r.Phase() == PhasePostcopy {
+				r.emit(r.pages(Event{Type: "progress", Time: now, Phase: PhasePostcopy, Transferred: out, Rate: rate}))
+			}
 			continue // the source is switching over: nothing left to decide
 		}
 		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -466,6 +523,14 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 		}
 		r.mu.Unlock()
 		o.fresh = newIter
+		if newIter && o.iteration > 1 {
+			if best == 0 || o.expected < best*9/10 {
+				best, stalled = o.expected, 0
+			} else {
+				stalled++
+			}
+		}
+		o.stalledPasses = stalled
 		if newIter {
 			it := ev
 			it.Type = "iteration"
@@ -478,6 +543,26 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 			r.emit(Event{Type: "policy", Time: now, Phase: r.Phase(), Decision: d.String(), Message: why,
 				DowntimeBudgetMs: p.Downtime.Milliseconds(), ExpectedDowntimeMs: ev.ExpectedDowntimeMs})
 			return &PolicyError{Reason: why}
+		case postcopy:
+			r.emit(Event{Type: "policy", Time: now, Phase: r.Phase(), Decision: d.String(), Message: why,
+				DowntimeBudgetMs: p.Downtime.Milliseconds(), ExpectedDowntimeMs: ev.ExpectedDowntimeMs,
+				Iteration: ev.Iteration, Remaining: ev.Remaining, Transferred: ev.Transferred})
+			qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			err := r.ctl.MigrateStartPostcopy(qctx)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("switching the source to postcopy: %w", err)
+			}
+			for r.Phase() == PhaseSetup || r.Phase() == PhaseIterate {
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-pumpDone:
+					return nil
+				case <-t.C:
+				}
+			}
+			continue
 		case release, force, pauseVM:
 			r.emit(Event{Type: "policy", Time: now, Phase: r.Phase(), Decision: d.String(), Message: why,
 				DowntimeBudgetMs: p.Downtime.Milliseconds(), ExpectedDowntimeMs: ev.ExpectedDowntimeMs})
@@ -537,11 +622,34 @@ func (r *Relay) pump() error {
 	}
 	out := r.newOutput()
 	defer out.close()
-	opts = append(opts, out.readerOptions()...)
-	rd := stream.NewReader(counter, opts...)
+	r.out = out
+	rd := r.rd
+	if rd == nil {
+		// The hooks go to the output of the moment: a resumed relay has a new one.
+		opts = append(opts, stream.WithBeforeRead(func() { r.out.beforeRead() }), stream.WithTailData(func(t []byte) { r.out.tailData(t) }))
+		rd = stream.NewReader(counter, opts...)
+		r.rd = rd
+	} else {
+		rd.Resume(counter)
+	}
 	out.attach(rd)
 	if err := r.startChannels(out); err != nil {
 		return err
+	}
+	var rpDone chan error
+	if r.pc.bridge {
+		dr, ok := r.dst.(io.Reader)
+		if !ok {
+			return &DestinationError{Err: errors.New("postcopy needs a destination that answers on the same connection (tcp: or unix:)")}
+		}
+		rpDone = make(chan error, 1)
+		go func() {
+			err := r.bridgeReturnPath(dr, r.rp.w)
+			if err != nil && !r.delivered() {
+				r.failAsync(err) // the relay ends now, not at the end of the stream
+			}
+			rpDone <- err
+		}()
 	}
 	if r.merge != nil {
 		defer r.merge.stop()
@@ -573,6 +681,9 @@ func (r *Relay) pump() error {
 				r.markStopped()
 				r.setPhase(PhaseComplete)
 			}
+			if rec.Cmd == stream.CmdPackaged && rec.Depth == 0 && r.pc.bridge {
+				r.startPostcopyPhase()
+			}
 			if r.rp.command(rec) {
 				continue // the return path is between the source and the sidecar
 			}
@@ -583,6 +694,12 @@ func (r *Relay) pump() error {
 			}
 		case stream.KindRAM:
 			r.count(rec.RAM.Flags)
+			if r.pc.bridge && rec.RAM.Flags&^stream.RAMContinue == stream.RAMMemSize {
+				r.setBlocks(rec.RAM.Blocks)
+			}
+			if f := rec.RAM.Flags &^ stream.RAMContinue; r.pc.bridge && r.pc.started.Load() && (f == stream.RAMPage || f == stream.RAMZero) {
+				r.pageSent(rec.RAM.Block, rec.RAM.Offset)
+			}
 		}
 		if err := out.handle(rec); err != nil {
 			return err
@@ -594,6 +711,9 @@ func (r *Relay) pump() error {
 			// The source waits for SHUT before it closes its end: the stream is complete.
 			break
 		}
+		if rec.Kind == stream.KindEOF && rec.Depth == 0 && r.pc.started.Load() {
+			break // a postcopy stream ends at EOF: no vmdesc follows
+		}
 	}
 	if r.merge != nil {
 		if err := r.merge.drained(30 * time.Second); err != nil {
@@ -603,11 +723,29 @@ func (r *Relay) pump() error {
 			return &DestinationError{Err: err}
 		}
 	}
-	if err := out.finish(); err != nil {
+	var err error
+	if r.pc.bridge && r.pc.started.Load() {
+		// Postcopy: the guest runs on the destination already; it says when it has everything
+		// with its SHUT, which goes on to the source.
+		if err := out.finishWrite(); err != nil {
+			return err
+		}
+		if err := r.awaitShut(2*time.Minute, rpDone); err != nil {
+			return err
+		}
+		// The destination said it has everything (and closes its end): the connection's
+		// clean-up can no longer change the outcome.
+		r.dst.Close()
+	} else {
+		// The source's SHUT goes between the stream and its final bytes: once the destination
+		// can complete, the source will never resume by itself (no split brain).
+		err = out.finish(r.rp.shut)
+	}
+	if err != nil {
 		var ue *UncertainError
 		if errors.As(err, &ue) {
-			// The receiver may have completed its QEMU's stream: the source must not resume
-			// by itself, so it completes (postmigrate) and the operator is told to look.
+			// The destination may have the complete stream: the source must not resume by
+			// itself, so it completes (postmigrate) and the operator is told to look.
 			r.rp.shut()
 		}
 		return err
@@ -622,10 +760,6 @@ func (r *Relay) pump() error {
 		r.sum.TailBytes = out.written() - tailFrom
 	}
 	r.mu.Unlock()
-	// The destination has everything: now the source may complete.
-	if err := r.rp.shut(); err != nil {
-		r.warn(fmt.Sprintf("telling the source the migration is complete (SHUT on its return path): %v", err))
-	}
 	return nil
 }
 
@@ -638,15 +772,19 @@ func (r *Relay) startChannels(out output) error {
 	if !ok {
 		return errors.New("a multifd source cannot be sent over the link (yet): migrate it without multifd, or relay it with --to tcp:")
 	}
-	r.runChannels(po, func(err error) {
-		if r.chanErr.CompareAndSwap(nil, &err) {
-			r.src.Close() // end the main stream's read: the relay fails with err
-			if r.merge != nil {
-				r.merge.stop()
-			}
-		}
-	})
+	r.runChannels(po, r.failAsync)
 	return nil
+}
+
+// failAsync ends the relay from another goroutine (a multifd channel, the return-path bridge):
+// the main stream's read is cut, and the pump returns err.
+func (r *Relay) failAsync(err error) {
+	if r.chanErr.CompareAndSwap(nil, &err) {
+		r.src.Close()
+		if r.merge != nil {
+			r.merge.stop()
+		}
+	}
 }
 
 // mergeHook keeps the merge of multifd channels in step with the main stream: before a record,
@@ -708,15 +846,21 @@ type output interface {
 	// handle takes one record of the source stream, in order.
 	handle(rec *stream.Record) error
 	// finish completes the stream after its last record: nil means the destination has it.
-	finish() error
+	// shut is the source's SHUT, called once the destination has everything but the stream's
+	// end (nil when the destination's own SHUT goes to the source).
+	finish(shut func() error) error
 	// written is the number of bytes written towards the destination so far.
 	written() int64
 	// close releases the output's goroutines (after finish, or on failure).
 	close()
-	// readerOptions are what the output needs of the source's Reader; attach gives it the
-	// Reader.
-	readerOptions() []stream.Option
+	// attach gives the output the source's Reader; beforeRead and tailData are the Reader's
+	// hooks (stream.WithBeforeRead, WithTailData).
 	attach(rd *stream.Reader)
+	beforeRead()
+	tailData(tail []byte)
+	// finishWrite writes everything and closes the writing direction only (postcopy: the
+	// destination still answers on the return path).
+	finishWrite() error
 }
 
 // newOutput returns the output of this relay.

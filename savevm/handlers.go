@@ -44,8 +44,25 @@ type handlers struct {
 }
 
 func newHandlers(r *Relay, out recordOut) *handlers {
-	return &handlers{r: r, out: out, live: map[uint32]liveHandler{},
+	h := &handlers{r: r, out: out, live: map[uint32]liveHandler{},
 		dst72: r.opt.DstSeries == "7.2", dst10: r.opt.DstSeries != "" && r.opt.DstSeries != "7.2"}
+	if r.sections == nil {
+		r.sections = map[uint32]string{}
+	}
+	// A resumed relay (postcopy recovery) keeps the sections the first connection started:
+	// the resumed source goes on with their PART and END records.
+	for id, idstr := range r.sections {
+		h.live[id] = h.newLive(idstr)
+	}
+	return h
+}
+
+// newLive is the state entry for a live section with this idstr.
+func (h *handlers) newLive(idstr string) liveHandler {
+	if idstr == "ram" {
+		return &ramRelay{h: h}
+	}
+	return &passLive{h: h}
 }
 
 func (h *handlers) handle(rec *stream.Record) error {
@@ -56,10 +73,9 @@ func (h *handlers) handle(rec *stream.Record) error {
 			if id == 0 {
 				return fmt.Errorf("section %q: %w", rec.Section.Idstr, errSectionZero)
 			}
-			if rec.Section.Idstr == "ram" {
-				h.live[id] = &ramRelay{h: h}
-			} else {
-				h.live[id] = &passLive{h: h}
+			h.live[id] = h.newLive(rec.Section.Idstr)
+			if len(h.r.sections) < 1<<16 { // live sections are a handful; the map stays bounded
+				h.r.sections[id] = rec.Section.Idstr
 			}
 		}
 		lh := h.live[id]

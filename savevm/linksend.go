@@ -172,9 +172,13 @@ func newLinkOutput(r *Relay, s *link.Session, chooser *link.Chooser, lo LinkOpti
 	return o
 }
 
-func (o *linkOutput) written() int64                 { return o.s.BytesSent() }
-func (o *linkOutput) readerOptions() []stream.Option { return nil }
-func (o *linkOutput) attach(*stream.Reader)          {}
+func (o *linkOutput) written() int64        { return o.s.BytesSent() }
+func (o *linkOutput) beforeRead()           {}
+func (o *linkOutput) tailData([]byte)       {}
+func (o *linkOutput) attach(*stream.Reader) {}
+func (o *linkOutput) finishWrite() error {
+	return errors.New("link: postcopy over the link is not supported yet")
+}
 
 func (o *linkOutput) buf() []byte {
 	if v := o.bufs.Get(); v != nil {
@@ -509,7 +513,7 @@ func (d *devBuffer) Write(p []byte) (int, error) {
 
 // finish completes the link (PROTOCOL.md §5): every frame sent, the receiver READY, COMMIT,
 // and DELIVERED back. Only then may the source complete.
-func (o *linkOutput) finish() error {
+func (o *linkOutput) finish(shut func() error) error {
 	if !o.ended {
 		return fmt.Errorf("link: the source stream ended without a vmdesc after EOF")
 	}
@@ -526,16 +530,23 @@ func (o *linkOutput) finish() error {
 		return err
 	}
 	if d := commitDelay(); d > 0 {
-		// Test-only (compat TestLinkFault): hold the moment between READY and COMMIT open
-		// long enough for a fault to land in it deterministically.
+		// Test-only (compat TestLinkFault): hold the moment before the point of no return
+		// open long enough for a fault to land in it deterministically.
 		select {
 		case <-time.After(d):
 		case <-o.s.Done():
 			return &DestinationError{Err: fmt.Errorf("before COMMIT: %w", orClosed(o.s.Err()))}
 		}
 	}
+	// The source's SHUT goes before COMMIT: once the receiver can complete its QEMU's
+	// stream, the source will never resume by itself (no split brain).
+	if shut != nil {
+		if err := shut(); err != nil {
+			return fmt.Errorf("telling the source to complete: %w", err)
+		}
+	}
 	if err := o.s.SendControl(link.FrameCommit, nil); err != nil {
-		return &DestinationError{Err: fmt.Errorf("COMMIT: %w", err)}
+		return &UncertainError{Err: fmt.Errorf("COMMIT: %w", err)}
 	}
 	f, err := o.await(link.FrameDelivered, o.lo.CompleteTimeout)
 	if err != nil {

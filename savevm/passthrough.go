@@ -56,6 +56,11 @@ type passOutput struct {
 	// still find a section body open in this stream.
 	held    []byte
 	holding bool
+
+	// final is the stream's EOF and what follows it (the vmdesc), kept back until finish:
+	// the destination must not get a complete stream before the source was told to complete
+	// (its SHUT is the point of no return, design.md safety contract).
+	final []byte
 }
 
 func newPassOutput(r *Relay) *passOutput {
@@ -79,9 +84,8 @@ func (o *passOutput) unlock() {
 	}
 }
 
-func (o *passOutput) readerOptions() []stream.Option {
-	return []stream.Option{stream.WithBeforeRead(o.flush), stream.WithTailData(o.tailArrived)}
-}
+func (o *passOutput) beforeRead()          { o.flush() }
+func (o *passOutput) tailData(tail []byte) { o.tailArrived(tail) }
 
 func (o *passOutput) attach(rd *stream.Reader) { o.rd = rd }
 func (o *passOutput) handle(rec *stream.Record) error {
@@ -90,7 +94,7 @@ func (o *passOutput) handle(rec *stream.Record) error {
 	}
 	return o.h.handle(rec)
 }
-func (o *passOutput) written() int64 { return o.produced + o.pending }
+func (o *passOutput) written() int64 { return o.produced + o.pending + int64(len(o.final)) }
 func (o *passOutput) offset() int64  { o.endReplace(); return o.produced + o.pending }
 func (o *passOutput) close()         {}
 
@@ -117,6 +121,22 @@ func (o *passOutput) pass(rec *stream.Record) error {
 	defer o.unlock()
 	o.endReplace()
 	raw := o.rd.Raw()
+	if rec.Depth == 0 && (rec.Kind == stream.KindEOF || (o.final != nil && rec.Kind == stream.KindVMDesc)) {
+		o.releaseHeld()
+		if raw == nil { // a vmdesc larger than the buffer
+			var b replBuffer
+			w := stream.NewWriter(&b)
+			if err := w.WriteRecord(rec); err != nil {
+				return err
+			}
+			if err := w.Flush(); err != nil {
+				return err
+			}
+			raw = b.b
+		}
+		o.final = append(o.final, raw...) // a copy: the buffer may move before finish
+		return nil
+	}
 	if o.locking && rec.Depth == 0 && raw != nil {
 		switch {
 		case rec.Kind == stream.KindRAM && rec.RAM.Flags&^stream.RAMContinue == stream.RAMEOS:
@@ -282,8 +302,12 @@ func (o *passOutput) tailArrived(tail []byte) {
 	}
 }
 
-// finish writes the rest and closes the destination cleanly: it has the complete stream.
-func (o *passOutput) finish() error {
+// finish writes the rest of the stream, tells the source to complete (shut: its SHUT, the
+// point of no return) and only then writes the stream's EOF and vmdesc and closes the
+// destination cleanly. If the final bytes cannot be written at all, the destination never got a
+// complete stream (a *DestinationError: the source may be resumed); if they went out in part,
+// or the close fails, nobody can tell (an *UncertainError: the source is not resumed).
+func (o *passOutput) finish(shut func() error) error {
 	o.lock()
 	o.releaseHeld()
 	o.unlock()
@@ -291,8 +315,28 @@ func (o *passOutput) finish() error {
 	if o.err != nil {
 		return o.err // a write error is already a *DestinationError
 	}
+	if shut != nil {
+		if d := commitDelay(); d > 0 {
+			time.Sleep(d) // test-only: hold the moment before the point of no return open
+		}
+		if err := shut(); err != nil {
+			return fmt.Errorf("telling the source to complete: %w", err)
+		}
+	}
+	var n int
+	var err error
+	if len(o.final) > 0 { // an empty write on a socket shut for writing fails with EPIPE
+		n, err = o.w.Write(o.final)
+	}
+	o.produced += int64(n)
+	if err != nil {
+		if n == 0 {
+			return err // already a *DestinationError: the destination never got EOF
+		}
+		return &UncertainError{Err: fmt.Errorf("the stream's end went out only in part: %w", err)}
+	}
 	if err := o.r.dst.Close(); err != nil {
-		return &DestinationError{Err: fmt.Errorf("finishing the stream: %w", err)}
+		return &UncertainError{Err: fmt.Errorf("finishing the stream: %w", err)}
 	}
 	return nil
 }
@@ -332,6 +376,32 @@ func (o *passOutput) insertPacket(p *stream.MultifdPacket, layout stream.Multifd
 		o.err = err
 	}
 	return err
+}
+
+// finishWrite writes the rest and closes only the writing direction (postcopy: the
+// destination's return path still runs on the connection).
+func (o *passOutput) finishWrite() error {
+	o.lock()
+	o.releaseHeld()
+	o.unlock()
+	o.flush()
+	if o.err != nil {
+		return o.err
+	}
+	if len(o.final) > 0 {
+		n, err := o.w.Write(o.final)
+		o.produced += int64(n)
+		o.final = o.final[:0]
+		if err != nil {
+			return err
+		}
+	}
+	if cw, ok := o.r.dst.(interface{ CloseWrite() error }); ok {
+		if err := cw.CloseWrite(); err != nil {
+			return &DestinationError{Err: fmt.Errorf("finishing the stream: %w", err)}
+		}
+	}
+	return nil
 }
 
 // replBuffer collects the scratch Writer's output.

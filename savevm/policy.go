@@ -24,6 +24,16 @@ type Policy struct {
 	// memory as fast as the link carries it away (QEMU's auto-converge: the bytes dirtied in a
 	// pass exceed throttle-trigger-threshold, 50% by default, of the bytes sent, twice in a row).
 	AutoConverge bool
+	// Postcopy enables postcopy-ram: the policy may then switch to postcopy — after
+	// PostcopyAfter passes, at Timeout with TimeoutPostcopy, or when the expected downtime has
+	// not fallen for PostcopyStall passes (default 3) — and the guest runs on the destination,
+	// which asks for the pages it still lacks.
+	Postcopy      bool
+	PostcopyAfter int
+	PostcopyStall int
+	// PostcopyBandwidth caps the source's rate after the switch (QEMU's max-postcopy-bandwidth,
+	// libvirt's --postcopy-bandwidth) in bytes/s; 0 = unlimited. Requested pages share it.
+	PostcopyBandwidth int64
 }
 
 // TimeoutAction is what the engine does when Policy.Timeout expires.
@@ -35,6 +45,8 @@ const (
 	// TimeoutPause pauses the source VM so that the migration completes (the guest is resumed on
 	// the destination when the destination's QMP is known), like libvirt's --timeout-suspend.
 	TimeoutPause TimeoutAction = "pause"
+	// TimeoutPostcopy switches to postcopy (libvirt's --timeout-postcopy); needs Postcopy.
+	TimeoutPostcopy TimeoutAction = "postcopy"
 )
 
 // withDefaults fills the zero values.
@@ -48,6 +60,9 @@ func (p Policy) withDefaults() Policy {
 	if p.StallTimeout <= 0 {
 		p.StallTimeout = 30 * time.Second
 	}
+	if p.PostcopyStall <= 0 {
+		p.PostcopyStall = 3
+	}
 	return p
 }
 
@@ -55,10 +70,20 @@ func (p Policy) withDefaults() Policy {
 func (p Policy) Validate() error {
 	switch p.TimeoutAction {
 	case "", TimeoutAbort, TimeoutPause:
+	case TimeoutPostcopy:
+		if !p.Postcopy {
+			return fmt.Errorf("--timeout-action postcopy needs --postcopy")
+		}
 	default:
-		return fmt.Errorf("timeout action %q: want abort or pause", p.TimeoutAction)
+		return fmt.Errorf("timeout action %q: want abort, pause or postcopy", p.TimeoutAction)
 	}
-	if p.Bandwidth < 0 || p.MaxIterations < 0 || p.Timeout < 0 {
+	if p.PostcopyAfter > 0 && !p.Postcopy {
+		return fmt.Errorf("--postcopy-after needs --postcopy")
+	}
+	if p.PostcopyAfter < 0 || p.PostcopyStall < 0 {
+		return fmt.Errorf("postcopy limits must not be negative")
+	}
+	if p.Bandwidth < 0 || p.PostcopyBandwidth < 0 || p.MaxIterations < 0 || p.Timeout < 0 {
 		return fmt.Errorf("bandwidth, iterations and timeout must not be negative")
 	}
 	if p.Downtime > 2000*time.Second {
@@ -76,9 +101,10 @@ const (
 	force                    // iteration limit: switch over whatever the downtime
 	pauseVM                  // timeout with action pause: stop the guest, then force
 	abortNow                 // timeout with action abort, or a stall
+	postcopy                 // switch to postcopy: the guest runs on the destination from now on
 )
 
-var decisionNames = [...]string{hold: "hold", release: "release", force: "force", pauseVM: "pause", abortNow: "abort"}
+var decisionNames = [...]string{hold: "hold", release: "release", force: "force", pauseVM: "pause", abortNow: "abort", postcopy: "postcopy"}
 
 // String is the decision's name in "policy" events (Event.Decision).
 func (d decision) String() string { return decisionNames[d] }
@@ -90,12 +116,18 @@ func (p Policy) decide(o observation) (decision, string) {
 		return abortNow, fmt.Sprintf("stalled: no data from the source for %v (--stall-timeout)", o.sinceProgress.Round(time.Millisecond))
 	case p.Timeout > 0 && o.elapsed >= p.Timeout && p.TimeoutAction == TimeoutAbort:
 		return abortNow, fmt.Sprintf("not converged within --timeout %v (expected downtime %v > %v)", p.Timeout, o.expected.Round(time.Millisecond), p.Downtime)
+	case p.Timeout > 0 && o.elapsed >= p.Timeout && p.TimeoutAction == TimeoutPostcopy:
+		return postcopy, fmt.Sprintf("--timeout %v reached: switching to postcopy (expected downtime %v > %v)", p.Timeout, o.expected.Round(time.Millisecond), p.Downtime)
 	case p.Timeout > 0 && o.elapsed >= p.Timeout:
 		return pauseVM, fmt.Sprintf("--timeout %v reached: pausing the guest to complete", p.Timeout)
 	case p.MaxIterations > 0 && o.iteration > p.MaxIterations:
 		return force, fmt.Sprintf("--max-iterations %d reached: switching over (expected downtime %v)", p.MaxIterations, o.expected.Round(time.Millisecond))
 	case o.fresh && o.rate > 0 && o.expected <= p.Downtime:
 		return release, fmt.Sprintf("expected downtime %v ≤ %v: switching over", o.expected.Round(time.Millisecond), p.Downtime)
+	case p.Postcopy && p.PostcopyAfter > 0 && o.iteration > p.PostcopyAfter:
+		return postcopy, fmt.Sprintf("--postcopy-after %d reached: switching to postcopy (expected downtime %v)", p.PostcopyAfter, o.expected.Round(time.Millisecond))
+	case p.Postcopy && p.PostcopyAfter == 0 && o.fresh && o.stalledPasses >= p.PostcopyStall:
+		return postcopy, fmt.Sprintf("the expected downtime has not fallen for %d passes (%v > %v): switching to postcopy", o.stalledPasses, o.expected.Round(time.Millisecond), p.Downtime)
 	}
 	return hold, ""
 }
@@ -112,4 +144,7 @@ type observation struct {
 	remaining int64         // bytes of RAM still dirty
 	rate      float64       // bytes/s the sidecar is forwarding
 	expected  time.Duration // remaining / rate
+	// stalledPasses counts the passes in a row whose expected downtime was not at least 10 %
+	// below the best one before (the guest dirties as fast as the link carries away).
+	stalledPasses int
 }

@@ -19,6 +19,11 @@ import (
 type returnPath struct {
 	w    io.Writer // the source's connection; nil when there is no live source (restore)
 	open bool      // the source sent OPEN_RETURN_PATH
+	// bridge: postcopy — the destination's own return path is bridged to the source
+	// (postcopy.go), so commands go on; after the switch the destination's SHUT goes to the
+	// source (postcopyOn), before it the sidecar sends its own.
+	bridge     bool
+	postcopyOn func() bool
 }
 
 // Return-path message types (stream-format.md §3, "Return path").
@@ -31,6 +36,12 @@ const (
 // sidecar; it reports whether rec was consumed (not to be forwarded).
 func (p *returnPath) command(rec *stream.Record) bool {
 	if p.w == nil || rec.Depth != 0 {
+		return false
+	}
+	if p.bridge {
+		if rec.Cmd == stream.CmdOpenReturnPath {
+			p.open = true
+		}
 		return false
 	}
 	switch rec.Cmd {
@@ -48,7 +59,7 @@ func (p *returnPath) command(rec *stream.Record) bool {
 
 // shut tells the source that the destination has everything: SHUT with status 0.
 func (p *returnPath) shut() error {
-	if p.w == nil || !p.open {
+	if p.w == nil || !p.open || (p.bridge && p.postcopyOn()) {
 		return nil
 	}
 	return p.send(rpShut, []byte{0, 0, 0, 0})

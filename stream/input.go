@@ -24,6 +24,9 @@ type input struct {
 	end    int    // device bodies may not extend past buf[end] (start of EOF+vmdesc), else w
 	vmdesc []byte // vmdesc JSON located at the end of the tail, nil if none
 	pkg    bool   // bytes of a PACKAGED command
+	// scanNoted: the warning that this package's device sections are delimited by footer scan
+	// (postcopy packages never have a vmdesc) was given.
+	scanNoted bool
 }
 
 func (in *input) off() int64  { return in.base + int64(in.r) }

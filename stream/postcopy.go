@@ -208,13 +208,13 @@ func AppendRecvBitmapCommand(dst []byte, block string) ([]byte, error) {
 // resumed connection (ram_state_reset), and the record that last named a block may not have
 // reached the destination before the cut, so a CONTINUE before a named record is refused, as
 // Writer.Resume refuses to write one. Offsets start again at 0; the sticky error of the cut
-// connection and any PACKAGED command left open are dropped.
+// connection and any PACKAGED command left open are dropped; WithBeforeRead stays.
 func (r *Reader) Resume(rd io.Reader) {
 	buf := r.top.buf
 	if len(buf) == 0 {
 		buf = make([]byte, defaultBufferSize)
 	}
-	r.top = input{buf: buf, rd: rd}
+	r.top = input{buf: buf, rd: rd, before: r.top.before}
 	r.in = &r.top
 	r.pkgs = r.pkgs[:0]
 	r.err = nil

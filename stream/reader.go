@@ -853,7 +853,17 @@ func (r *Reader) delimit(in *input, hl int, ref DeviceRef) (int, bool, error) {
 	isFooter := func(n int) bool {
 		return n >= 0 && n+5 <= in.w-start && in.buf[start+n] == byte(SectionFooter) && be32(in.buf[start+n+1:]) == id
 	}
-	if r.sizer != nil {
+	quiet := false
+	if in.pkg && len(ref.VMDesc) == 0 {
+		// A PACKAGED stream (postcopy) carries no vmdesc by design: footer scanning, bounded
+		// by the package's length, is how its sections are delimited. Say so once.
+		quiet = true
+		if !in.scanNoted {
+			in.scanNoted = true
+			r.warnf(ref.Offset, "the PACKAGED data has no vmdesc (postcopy sends none): its device sections are delimited by footer scan")
+		}
+	}
+	if r.sizer != nil && !quiet {
 		n, err := r.sizer(ref, body)
 		if err == nil && n <= len(body) && isFooter(n) {
 			return n, false, nil
@@ -871,6 +881,9 @@ func (r *Reader) delimit(in *input, hl int, ref DeviceRef) (int, bool, error) {
 		}
 		n := i + j
 		if r.wellFormedNext(in, start+n+5) {
+			if quiet {
+				return n, true, nil
+			}
 			r.warnf(ref.Offset, "end of device section %q id %d found heuristically by footer scan (body %d bytes)", ref.Idstr, id, n)
 			return n, true, nil
 		}

@@ -147,6 +147,42 @@ func (c *sockConn) Close() error {
 	return c.Conn.Close()
 }
 
+// CloseWrite ends the writing direction only: a postcopy destination still answers on the
+// return path of the same connection.
+func (c *sockConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}
+
+// LowLatency keeps the kernel's queue of unsent bytes small (TCP_NOTSENT_LOWAT), so that a page
+// a postcopy destination is waiting for does not queue behind megabytes of background pages.
+func LowLatency(c Conn, bytes int) error {
+	sc, ok := c.(*sockConn)
+	if !ok {
+		return nil
+	}
+	tc, ok := sc.Conn.(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	raw, err := tc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, tcpNotSentLowat, bytes)
+	}); err != nil {
+		return err
+	}
+	return serr
+}
+
+// tcpNotSentLowat is Linux's TCP_NOTSENT_LOWAT socket option.
+const tcpNotSentLowat = 25
+
 func (c *sockConn) Abort() {
 	if tc, ok := c.Conn.(*net.TCPConn); ok {
 		tc.SetLinger(0) // RST: the destination sees an error, never a clean end of stream

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/pprof"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -79,7 +80,7 @@ func main() {
 	// performance work on the data path (issue 12's closing note).
 	app.Flags = append(app.Flags, &cli.StringFlag{Name: "cpuprofile", Hidden: true})
 	app.Before = startProfile
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := signalContext()
 	err := app.RunContext(ctx, os.Args)
 	stop()
 	stopProfile()
@@ -92,6 +93,30 @@ func main() {
 		jsonOut(ev)
 	}
 	os.Exit(code)
+}
+
+// postcopyRunning is set once a migration has switched to postcopy (its "postcopy" phase
+// event): the guest runs on the destination from then on, so a signal must not abandon it.
+var postcopyRunning atomic.Bool
+
+// signalContext is cancelled by SIGINT or SIGTERM, with the signal as its cause — except during
+// postcopy, when the signal is refused with a message and the migration goes on to its end
+// (design.md, safety contract rule 5: the guest's newest state is on the destination, and
+// stopping now would leave it split between the two hosts).
+func signalContext() (context.Context, func()) {
+	ctx, cancel := context.WithCancelCause(context.Background())
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		for sig := range sigs {
+			if postcopyRunning.Load() {
+				fmt.Fprintf(os.Stderr, "qemu-migrate-go: refusing %v: the migration is in postcopy, the guest already runs on the destination and needs the pages still on the source; it finishes by itself (a broken connection is recovered)\n", sig)
+				continue
+			}
+			cancel(fmt.Errorf("%v signal received", sig))
+		}
+	}()
+	return ctx, func() { signal.Stop(sigs); close(sigs); cancel(nil) }
 }
 
 var stopProfile = func() {}

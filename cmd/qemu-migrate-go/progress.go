@@ -42,6 +42,9 @@ func newProgress(jsonLines, quiet bool) *progress {
 }
 
 func (p *progress) event(e savevm.Event) {
+	if e.Phase == savevm.PhasePostcopy {
+		postcopyRunning.Store(true)
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.json {

@@ -1,0 +1,227 @@
+package compat
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
+)
+
+// Postcopy through the sidecar (issue 11). The dirty guest rewrites ~99 MiB continuously; with
+// the source capped at 20 MB/s it can never converge within --downtime, so --postcopy-after 1
+// switches after the first pass.
+
+// postcopyArgs are the sidecar flags of a postcopy that must switch.
+func postcopyArgs(src, dst *VM, uri string, extra ...string) []string {
+	return append([]string{"--qmp", src.SidecarQMP, "--to", uri, "--dst-qmp", dst.SidecarQMP, "--json",
+		"--postcopy", "--postcopy-after", "1", "--bandwidth", "20000000"}, extra...)
+}
+
+// TestPostcopyMigration: every version pair, the destination held paused (-S): in postcopy it
+// then asks for nothing and gets every page in the background, so its RAM must equal the
+// paused source's page for page (checkMigrated) — the discard, the package with the device
+// state and the postcopy pages all went through the relay right.
+func TestPostcopyMigration(t *testing.T) {
+	sidecarBinary(t)
+	for _, p := range pairs {
+		t.Run(p[0]+"-"+p[1], func(t *testing.T) {
+			g := guestCases(128, 256)[0]
+			var sum *savevm.Summary
+			checkMigrated(t, requireQEMU(t, p[0]), requireQEMU(t, p[1]), "tcg", g, func(ctx context.Context, src, dst *VM, uri string) error {
+				proc := startSidecar(t, nil, postcopyArgs(src, dst, uri)...)
+				code, _, stderr := proc.wait(t, 2*time.Minute)
+				if code != 0 {
+					return fmt.Errorf("exit %d: %s", code, stderr)
+				}
+				sum = summaryOf(proc)
+				return nil
+			})
+			if sum == nil || sum.Postcopy == nil || !sum.Postcopy.Started {
+				t.Fatalf("the migration did not switch to postcopy: %+v", sum)
+			}
+			t.Logf("total %dms, %dms in postcopy, %d pages, %d requests", sum.TotalTimeMs, sum.Postcopy.PostcopyMs, sum.NormalPages, sum.Postcopy.Requests)
+		})
+	}
+}
+
+// postcopyPair starts the dirty guest and a destination that runs (no -S: in postcopy it asks
+// for the pages it touches).
+func postcopyPair(t *testing.T, ctx context.Context, srcQ, dstQ QEMU) (src, dst *VM, uri string) {
+	port, err := FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	uri = fmt.Sprintf("tcp:127.0.0.1:%d", port)
+	machine := MachineFor(srcQ, dstQ)
+	dst = StartVM(t, VMConfig{Name: "dst", QEMU: dstQ, Machine: machine, Disk: GuestDirty(), Incoming: uri})
+	src = StartVM(t, VMConfig{Name: "src", QEMU: srcQ, Machine: machine, Disk: GuestDirty()})
+	if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
+		t.Fatal(err)
+	}
+	return src, dst, uri
+}
+
+// checkRunningGuest checks the dirty guest on a destination that ran during postcopy: it keeps
+// running, and its memory is consistent (CheckDirty: every page's counter is v or v+1 with one
+// boundary — a page lost or stale in postcopy breaks that).
+func checkRunningGuest(t *testing.T, ctx context.Context, dst *VM) {
+	t.Helper()
+	if err := dst.WaitMoreSerial(ctx, 'B', 2); err != nil {
+		t.Fatalf("the guest does not run on the destination: %v", err)
+	}
+	if err := dst.QMP.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "dst.ram")
+	size, err := dst.DumpRAM(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := CheckDirty(f, size); err != nil {
+		t.Errorf("the destination's memory after postcopy: %v", err)
+	}
+}
+
+// TestPostcopyRequests: the destination runs during postcopy and asks for the pages its guest
+// touches; the sidecar forwards the requests to the source and the pages back, and reports the
+// request latency. A SIGINT during postcopy is refused with a message.
+func TestPostcopyRequests(t *testing.T) {
+	sidecarBinary(t)
+	for _, p := range pairs {
+		t.Run(p[0]+"-"+p[1], func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			src, dst, uri := postcopyPair(t, ctx, requireQEMU(t, p[0]), requireQEMU(t, p[1]))
+			proc := startSidecar(t, atPhase(savevm.PhasePostcopy, func(p *sidecarProc) {
+				p.cmd.Process.Signal(syscall.SIGINT)
+			}), postcopyArgs(src, dst, uri)...)
+			code, wall, stderr := proc.wait(t, 2*time.Minute)
+			if code != 0 {
+				t.Fatalf("exit %d: %s", code, stderr)
+			}
+			if !strings.Contains(stderr, "refusing interrupt") {
+				t.Errorf("the SIGINT during postcopy was not refused with a message: %q", stderr)
+			}
+			sum := summaryOf(proc)
+			if sum == nil || sum.Postcopy == nil || !sum.Postcopy.Started {
+				t.Fatalf("no postcopy summary: %+v", sum)
+			}
+			pc := sum.Postcopy
+			if pc.Requests == 0 {
+				t.Errorf("the running destination asked for no page")
+			}
+			t.Logf("%v total, %dms in postcopy, %d requests, latency p50 %dus p99 %dus max %dus", wall.Round(time.Millisecond),
+				pc.PostcopyMs, pc.Requests, pc.LatencyP50Us, pc.LatencyP99Us, pc.LatencyMaxUs)
+			if _, err := src.WaitStatus(ctx, "postmigrate"); err != nil {
+				t.Error(err)
+			}
+			checkRunningGuest(t, ctx, dst)
+		})
+	}
+}
+
+// TestPostcopyRecover: the TCP connection between the sidecar and the destination is reset
+// (ss -K) during postcopy; both QEMUs pause (postcopy-paused) and the sidecar recovers by itself
+// (migrate-recover, migrate resume), and the migration completes with the guest intact.
+func TestPostcopyRecover(t *testing.T) {
+	sidecarBinary(t)
+	for _, v := range Versions {
+		t.Run(v, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+			defer cancel()
+			q := requireQEMU(t, v)
+			src, dst, uri := postcopyPair(t, ctx, q, q)
+			port := strings.TrimPrefix(uri, "tcp:127.0.0.1:")
+			var (
+				mu           sync.Mutex
+				cut, resumed time.Time
+			)
+			cutter := atPhase(savevm.PhasePostcopy, func(*sidecarProc) {
+				go func() {
+					time.Sleep(500 * time.Millisecond)
+					mu.Lock()
+					cut = time.Now()
+					mu.Unlock()
+					if err := killConns(port); err != nil {
+						t.Error(err)
+					}
+				}()
+			})
+			proc := startSidecar(t, func(p *sidecarProc, e savevm.Event) {
+				cutter(p, e)
+				if e.Type == "recovery" && strings.Contains(e.Message, "connected again") {
+					mu.Lock()
+					if resumed.IsZero() {
+						resumed = time.Now()
+					}
+					mu.Unlock()
+				}
+			}, postcopyArgs(src, dst, uri, "--postcopy-bandwidth", "8000000")...)
+			code, wall, stderr := proc.wait(t, 3*time.Minute)
+			if code != 0 {
+				t.Fatalf("exit %d: %s", code, stderr)
+			}
+			sum := summaryOf(proc)
+			if sum == nil || sum.Postcopy == nil || sum.Postcopy.Recoveries < 1 {
+				t.Fatalf("no recovery in the summary: %+v", sum)
+			}
+			mu.Lock()
+			t.Logf("recovered %d time(s); both sides connected again %v after the cut; %v total", sum.Postcopy.Recoveries,
+				resumed.Sub(cut).Round(time.Millisecond), wall.Round(time.Millisecond))
+			mu.Unlock()
+			checkRunningGuest(t, ctx, dst)
+		})
+	}
+}
+
+// TestPostcopyDestinationKilled: the destination QEMU dies during postcopy. The guest's newest
+// state died with it; the sidecar must say so within seconds, with the state of each side, and
+// never resume the source.
+func TestPostcopyDestinationKilled(t *testing.T) {
+	sidecarBinary(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	q := requireQEMU(t, "10.0")
+	src, dst, uri := postcopyPair(t, ctx, q, q)
+	proc := startSidecar(t, atPhase(savevm.PhasePostcopy, func(*sidecarProc) {
+		go func() {
+			time.Sleep(300 * time.Millisecond)
+			syscall.Kill(dst.PID, syscall.SIGKILL)
+		}()
+	}), postcopyArgs(src, dst, uri, "--postcopy-bandwidth", "8000000")...)
+	code, wall, stderr := proc.wait(t, time.Minute)
+	msg := oneLine(t, stderr, "gone", "never `cont` the source")
+	if code != 4 {
+		t.Errorf("exit %d, want 4", code)
+	}
+	if wall > 15*time.Second {
+		t.Errorf("took %v to report", wall)
+	}
+	t.Logf("exit %d after %v: %s", code, wall.Round(time.Millisecond), msg)
+	st, err := src.QMP.QueryStatus(ctx)
+	if err != nil || st.Status == "running" {
+		t.Errorf("the source is %q (%v): it must never be resumed after the switch", st.Status, err)
+	}
+}
+
+// killConns resets every established TCP connection to 127.0.0.1:port (ss -K).
+func killConns(port string) error {
+	out, err := exec.Command("ss", "-K", "dst", "127.0.0.1:"+port).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("ss -K: %v: %s", err, out)
+	}
+	return nil
+}
