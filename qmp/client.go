@@ -57,7 +57,7 @@ func DialUnix(ctx context.Context, path string) (*Client, error) {
 	ctx, cancel := withDefault(ctx)
 	defer cancel()
 	timeout := time.Until(deadline(ctx))
-	mon, err := gqmp.NewSocketMonitor("unix", path, timeout)
+	mon, err := newSocketMonitor("unix", path, timeout)
 	if err != nil {
 		return nil, fmt.Errorf("qmp: connect %s: %w", path, err)
 	}

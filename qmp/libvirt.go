@@ -227,14 +227,11 @@ func (m *libvirtMonitor) Run(cmd []byte) ([]byte, error) {
 		}
 		return nil, &transportError{err}
 	}
-	var e struct {
-		Error *struct {
-			Class string `json:"class"`
-			Desc  string `json:"desc"`
-		} `json:"error"`
-	}
-	if json.Unmarshal([]byte(reply), &e) == nil && e.Error != nil {
-		return nil, errors.New(e.Error.Desc)
+	if err := replyError([]byte(reply)); err != nil {
+		if _, ok := err.(*json.SyntaxError); ok {
+			return []byte(reply), nil // Execute reports a reply it cannot decode
+		}
+		return nil, err
 	}
 	return []byte(reply), nil
 }
@@ -270,11 +267,11 @@ func (m *libvirtMonitor) Events(ctx context.Context) (<-chan gqmp.Event, error) 
 	return out, nil
 }
 
-// transportError marks a failure of the libvirt connection itself, so Execute reports it as
-// such rather than as QEMU's reply.
+// transportError marks a failure of the monitor connection itself (libvirt's, or a socket's), so
+// Execute reports it as such rather than as QEMU's reply.
 type transportError struct{ err error }
 
-func (e *transportError) Error() string { return "libvirt connection: " + e.err.Error() }
+func (e *transportError) Error() string { return "monitor connection: " + e.err.Error() }
 func (e *transportError) Unwrap() error { return e.err }
 
 func domainStateName(s int32) string {
