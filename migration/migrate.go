@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/qemu-migrate-go/qemu-migrate-go/guestram"
 	"github.com/qemu-migrate-go/qemu-migrate-go/link"
 	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
 	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
@@ -38,6 +39,10 @@ type MigrateOptions struct {
 	// RecoverTimeout bounds the automatic recovery of a postcopy whose connections broke
 	// (default DefaultRecoverTimeout).
 	RecoverTimeout time.Duration
+	// Verify resumes the destination only once its RAM is proven equal to the paused source's
+	// (verify.go); VerifyMethods, when set, are the reading methods allowed, in order.
+	Verify        bool
+	VerifyMethods []guestram.Method
 }
 
 // Failure classes, for exit codes (README "Exit codes").
@@ -104,6 +109,9 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 	if err := m.preparePostcopy(ctx); err != nil {
 		return m.fail(classOf(err, ErrDestination), err)
 	}
+	if err := m.prepareVerify(ctx); err != nil {
+		return m.fail(classOf(err, ErrDestination), err)
+	}
 	if err := m.openDestination(ctx); err != nil {
 		return m.fail(classOf(err, ErrDestination), err)
 	}
@@ -155,7 +163,8 @@ type migration struct {
 
 	session    *link.Session // the link to a receiving sidecar (To is qmg://)
 	engine     *savevm.Relay
-	resumedSum Summary // what the relay reported after a postcopy recovery
+	resumedSum Summary   // what the relay reported after a postcopy recovery
+	verify     *verifier // --verify: both sides located (prepareVerify)
 	phase      savevm.Phase
 	delivered  bool // the destination has the complete stream: never resume the source
 }
@@ -365,7 +374,9 @@ func (m *migration) run(ctx context.Context) (Summary, error) {
 	if m.session != nil {
 		return m.runLink(ctx)
 	}
-	m.engine = savevm.NewRelay(m.sconn, m.dconn, m.src, m.o.Options)
+	opt := m.o.Options
+	opt.KeepCPUState = m.o.Verify
+	m.engine = savevm.NewRelay(m.sconn, m.dconn, m.src, opt)
 	if m.channels != nil {
 		m.engine.SetMultifd(m.channels)
 	}
@@ -409,7 +420,13 @@ func (m *migration) finish(sum Summary) (Summary, error) {
 			return sum, &MigrateError{Class: ErrDestination, Phase: savevm.PhaseDone, SourceState: "postmigrate",
 				Err: fmt.Errorf("the destination did not start after receiving the complete stream: %w; the source stays paused in postmigrate: check the destination's log, and if it cannot run, resume the source with `cont` on its QMP", err)}
 		}
-		if st == "paused" && sum.PausedByPolicy {
+		if m.verify != nil {
+			// The destination holds paused: it runs only once its RAM is the source's.
+			if err := m.verifyRAM(&sum); err != nil {
+				savevm.EmitSummary(m.o.Options, sum)
+				return sum, err
+			}
+		} else if st == "paused" && sum.PausedByPolicy {
 			if err := m.dst.Cont(wctx); err != nil {
 				return sum, &MigrateError{Class: ErrDestination, Phase: savevm.PhaseDone, SourceState: "postmigrate",
 					Err: fmt.Errorf("resuming the guest on the destination: %w", err)}

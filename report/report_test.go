@@ -246,6 +246,7 @@ func TestEventSchema(t *testing.T) {
 	check("savevm.Summary", reflect.TypeOf(savevm.Summary{}), props("$defs", "summary", "properties"))
 	check("savevm.LinkSummary", reflect.TypeOf(savevm.LinkSummary{}), props("$defs", "link", "properties"))
 	check("savevm.PostcopySummary", reflect.TypeOf(savevm.PostcopySummary{}), props("$defs", "postcopy", "properties"))
+	check("savevm.VerifySummary", reflect.TypeOf(savevm.VerifySummary{}), props("$defs", "verify", "properties"))
 	if c := props("properties", "schema")["const"]; c != json.Number(fmt.Sprint(savevm.EventSchema)) && c != float64(savevm.EventSchema) {
 		t.Errorf("the schema describes version %v, the code writes %d", c, savevm.EventSchema)
 	}

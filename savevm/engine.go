@@ -43,6 +43,27 @@ type Options struct {
 	PollInterval time.Duration
 	// Limits caps what the stream reader allocates.
 	Limits *stream.Limits
+	// KeepCPUState keeps a copy of the vCPUs' device state (the top-level "cpu" sections) and
+	// of the vmdesc, for CPUStates: --verify reads the paravirtual MSRs from them.
+	KeepCPUState bool
+}
+
+// CPUState is one vCPU's "cpu" section as the stream carried it.
+type CPUState struct {
+	Instance uint32
+	Version  uint32
+	Body     []byte // the vmstate body (stream.Record.Body)
+}
+
+// maxKeptCPUState bounds what KeepCPUState keeps of cpu sections (a vCPU's is about 2 KiB).
+const maxKeptCPUState = 4 << 20
+
+// CPUStates returns the kept cpu sections and the stream's vmdesc JSON (nil when there was
+// none), after Run (Options.KeepCPUState).
+func (r *Relay) CPUStates() ([]CPUState, []byte) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cpus, r.vmdesc
 }
 
 // Phase is where a migration is.
@@ -140,6 +161,8 @@ type Summary struct {
 	Link *LinkSummary `json:"link,omitempty"`
 	// Postcopy is what postcopy did (--postcopy).
 	Postcopy *PostcopySummary `json:"postcopy,omitempty"`
+	// Verify is what --verify found (package migration fills it in).
+	Verify *VerifySummary `json:"verify,omitempty"`
 }
 
 // PolicyError is returned when the policy ended the migration (timeout, stall).
@@ -180,6 +203,9 @@ type Relay struct {
 	resumes    int
 	firstStart time.Time
 	sections   map[uint32]string // live sections by id (START), kept across a Resume
+	cpus       []CPUState        // KeepCPUState (r.mu)
+	cpuBytes   int
+	vmdesc     []byte
 	// newLinkOutput makes the link output instead of a QEMU stream (NewLinkRelay), and
 	// linkBytes counts what it sent.
 	newLinkOutput func(*Relay) output
@@ -692,6 +718,15 @@ func (r *Relay) pump() error {
 				tailStart, tailFrom = time.Now(), out.written()
 				r.setPhase(PhaseDevices)
 			}
+			if r.opt.KeepCPUState && rec.Section.Idstr == "cpu" {
+				r.keepCPU(rec)
+			}
+		case stream.KindVMDesc:
+			if r.opt.KeepCPUState && rec.Depth == 0 {
+				r.mu.Lock()
+				r.vmdesc = append([]byte(nil), rec.JSON...)
+				r.mu.Unlock()
+			}
 		case stream.KindRAM:
 			r.count(rec.RAM.Flags)
 			if r.pc.bridge && rec.RAM.Flags&^stream.RAMContinue == stream.RAMMemSize {
@@ -926,3 +961,31 @@ func (e *DestinationError) Error() string { return e.Err.Error() }
 func (e *DestinationError) Unwrap() error { return e.Err }
 
 var errSectionZero = errors.New("a section that receives PART/END must not have id 0 (stream-format.md §2)")
+
+// keepCPU copies a cpu section for CPUStates (bounded by maxKeptCPUState).
+func (r *Relay) keepCPU(rec *stream.Record) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cpuBytes+len(rec.Body) > maxKeptCPUState {
+		return
+	}
+	r.cpuBytes += len(rec.Body)
+	r.cpus = append(r.cpus, CPUState{Instance: rec.Section.Instance, Version: rec.Section.Version, Body: append([]byte(nil), rec.Body...)})
+}
+
+// VerifySummary is the check of --verify: the destination's loaded RAM against the paused
+// source's, page by page, before the destination runs.
+type VerifySummary struct {
+	Equal      bool  `json:"equal"`     // every page matched: the destination was resumed
+	Blocks     int   `json:"blocks"`    // RAM blocks compared
+	Pages      int64 `json:"pages"`     // pages compared
+	Differing  int64 `json:"differing"` // pages that differ (outside the exclusions)
+	Excluded   int   `json:"excluded"`  // pages KVM itself rewrites on loading, compared but allowed to differ
+	DurationMs int64 `json:"duration_ms"`
+	// How each side's RAM was read (guestram methods; "a+b" when blocks differed) and how long
+	// it took; the check runs while both guests are paused, so DurationMs adds to the downtime.
+	SourceMethod string `json:"source_method"`
+	DestMethod   string `json:"dest_method"`
+	SourceMs     int64  `json:"source_ms"`
+	DestMs       int64  `json:"dest_ms"`
+}

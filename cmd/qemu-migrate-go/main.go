@@ -31,6 +31,7 @@ const (
 	exitPolicy      = 5
 	exitCancelled   = 6
 	exitInvalid     = 7 // inspect --verify / restore: the stream is not valid
+	exitVerify      = 8 // migrate --verify: the destination's RAM differs; nothing resumed
 )
 
 // exitError carries an exit code through urfave/cli.
@@ -157,6 +158,8 @@ func exitCode(err error) int {
 		return exitCancelled
 	case errors.Is(err, migration.ErrUsage):
 		return exitUsage
+	case errors.Is(err, migration.ErrVerify):
+		return exitVerify
 	case errors.Is(err, migration.ErrPolicy):
 		return exitPolicy
 	case errors.Is(err, migration.ErrSource):

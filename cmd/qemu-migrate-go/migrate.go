@@ -4,10 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/qemu-migrate-go/qemu-migrate-go/guestram"
 	"github.com/qemu-migrate-go/qemu-migrate-go/link"
 	"github.com/qemu-migrate-go/qemu-migrate-go/migration"
 	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
@@ -44,6 +47,8 @@ func migrateFlags() []cli.Flag {
 		&cli.StringFlag{Name: "timeout-action", Value: "abort", Usage: "at --timeout: abort (source keeps running), pause (stop the guest to complete) or postcopy (switch to postcopy; needs --postcopy)"},
 		&cli.BoolFlag{Name: "postcopy", Usage: "enable postcopy on both sides (needs --dst-qmp): the policy switches when --postcopy-after passes, --timeout-action postcopy, or the expected downtime stops falling; after the switch the guest runs on the destination"},
 		&cli.IntFlag{Name: "postcopy-after", Usage: "with --postcopy: switch to postcopy after this many passes over RAM"},
+		&cli.BoolFlag{Name: "verify", Usage: "resume the destination only once its RAM is proven equal to the paused source's, page by page (needs a destination held paused: -S; README \"Verified migration\"); a difference exits 8 with nothing resumed"},
+		&cli.StringFlag{Name: "verify-method", Usage: "with --verify: how guest RAM is read, comma-separated in order of preference: file, process_vm_readv, proc-mem, pmemsave (default: that order)"},
 		&cli.Int64Flag{Name: "postcopy-bandwidth", Usage: "with --postcopy: cap on the source's rate after the switch in bytes/s (0 = unlimited; requested pages share it)"},
 		&cli.DurationFlag{Name: "recover-timeout", Value: migration.DefaultRecoverTimeout, Usage: "with --postcopy: how long to keep trying to repair a connection that broke during postcopy"},
 		&cli.DurationFlag{Name: "stall-timeout", Value: 30 * time.Second, Usage: "abort when no data moves for this long"},
@@ -119,11 +124,20 @@ func runMigrate(c *cli.Context) error {
 		},
 		Multifd:        c.Int("multifd"),
 		RecoverTimeout: c.Duration("recover-timeout"),
+		Verify:         c.Bool("verify"),
 		Link: migration.LinkOptions{TLS: linkTLS(c), NoTLS: c.Bool("no-tls"), Connections: c.Int("connections"),
 			Compress: c.String("compress"), Timeout: c.Duration("link-timeout")},
 	}
 	if !to.IsLink() && (c.IsSet("tls-cert") || c.IsSet("no-tls") || c.IsSet("connections") || c.IsSet("compress")) {
 		return &exitError{exitUsage, fmt.Errorf("--tls-*, --no-tls, --connections and --compress are for a link (--to qmg://HOST:PORT)")}
+	}
+	if c.IsSet("verify-method") {
+		if !opt.Verify {
+			return &exitError{exitUsage, fmt.Errorf("--verify-method is for --verify")}
+		}
+		if opt.VerifyMethods, err = parseMethods(c.String("verify-method")); err != nil {
+			return &exitError{exitUsage, err}
+		}
 	}
 	sum, err := migration.Migrate(c.Context, opt)
 	ui.close()
@@ -143,6 +157,13 @@ func printSummary(s savevm.Summary) {
 	fmt.Fprintf(os.Stderr, "migrated: total %v, downtime %v (QEMU: %v; device state %d KiB in %v), %s sent, %d pages + %d zero pages, %d iterations; source is paused in postmigrate\n",
 		ms(s.TotalTimeMs), ms(s.DowntimeMs), ms(s.QEMUDowntimeMs), s.TailBytes>>10, ms(s.TailMs),
 		human(s.BytesOut), s.NormalPages, s.ZeroPages, s.Iterations)
+	if v := s.Verify; v != nil && v.Equal {
+		fmt.Fprintf(os.Stderr, "verified: %d pages of %d RAM blocks equal before the destination ran (%v more downtime)\n", v.Pages, v.Blocks, ms(v.DurationMs))
+	}
+	if p := s.Postcopy; p != nil && p.Started {
+		fmt.Fprintf(os.Stderr, "postcopy: %v after the switch, %d page requests (%d already on their way), latency p50 %v p99 %v, %d recoveries\n",
+			ms(p.PostcopyMs), p.Requests, p.InFlight, time.Duration(p.LatencyP50Us)*time.Microsecond, time.Duration(p.LatencyP99Us)*time.Microsecond, p.Recoveries)
+	}
 }
 
 func ms(v int64) time.Duration { return time.Duration(v) * time.Millisecond }
@@ -168,4 +189,17 @@ func jsonOut(v any) {
 	}
 	b, _ := json.Marshal(v)
 	os.Stdout.Write(append(b, '\n'))
+}
+
+// parseMethods reads --verify-method.
+func parseMethods(s string) ([]guestram.Method, error) {
+	var ms []guestram.Method
+	for _, name := range strings.Split(s, ",") {
+		m := guestram.Method(strings.TrimSpace(name))
+		if !slices.Contains(guestram.DefaultMethods, m) {
+			return nil, fmt.Errorf("--verify-method: %q is not one of file, process_vm_readv, proc-mem, pmemsave", name)
+		}
+		ms = append(ms, m)
+	}
+	return ms, nil
 }

@@ -14,9 +14,10 @@ import (
 // progress shows engine events: a progress bar on a TTY, JSON lines with --json, nothing
 // otherwise (hook scripts); warnings always go to stderr.
 type progress struct {
-	mu   sync.Mutex
-	json bool
-	bar  *progressbar.ProgressBar
+	mu    sync.Mutex
+	json  bool
+	quiet bool
+	bar   *progressbar.ProgressBar
 }
 
 // jsonEvents is set once a command writes JSON-lines events: the run then ends with an "exit"
@@ -27,7 +28,7 @@ var jsonEvents bool
 var eventSide = "source"
 
 func newProgress(jsonLines, quiet bool) *progress {
-	p := &progress{json: jsonLines}
+	p := &progress{json: jsonLines, quiet: quiet}
 	jsonEvents = jsonEvents || jsonLines
 	if !jsonLines && !quiet && term.IsTerminal(int(os.Stderr.Fd())) {
 		p.bar = progressbar.NewOptions64(-1,
@@ -49,6 +50,14 @@ func (p *progress) event(e savevm.Event) {
 	defer p.mu.Unlock()
 	if p.json {
 		jsonOut(e)
+		return
+	}
+	if e.Type == "verify" && !p.quiet {
+		// What --verify does and finds: a line of its own, also without a terminal.
+		if p.bar != nil {
+			p.bar.Clear()
+		}
+		fmt.Fprintln(os.Stderr, "qemu-migrate-go:", e.Message)
 		return
 	}
 	if p.bar == nil {

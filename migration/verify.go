@@ -1,0 +1,361 @@
+package migration
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/guestram"
+	"github.com/qemu-migrate-go/qemu-migrate-go/qmp"
+	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
+	"github.com/qemu-migrate-go/qemu-migrate-go/stream"
+)
+
+// Verified migration (--verify, README "Verified migration"). QEMU resumes a destination as soon
+// as it has loaded the stream, whatever its dirty tracking missed; with --verify the sidecar
+// proves first that the destination's RAM is the paused source's, page by page:
+//
+//  1. before the source is touched (prepareVerify): both QEMUs' processes are found on this
+//     host (across hosts each end of a link hashes its own), the destination must be held
+//     paused after loading (-S, or `stop` while it waits), and both RAM layouts are located;
+//  2. once the destination has the complete stream (verifyRAM): the source is in postmigrate
+//     and the destination paused; both are hashed at once (guestram: every page, 128-bit
+//     xxh3 with a seed drawn for this check, memory bounded whatever the guest's size) and
+//     compared, with the pages KVM itself rewrites on loading allowed to differ;
+//  3. all equal: the sidecar resumes the destination. Any difference: nothing is resumed, and
+//     the error names the blocks and pages and says which copy to trust (the source).
+
+// verifier is what prepareVerify found.
+type verifier struct {
+	src, dst verifySide
+	methods  []guestram.Method // --verify-method; nil = guestram's order
+}
+
+// verifySide is one QEMU whose RAM is hashed.
+type verifySide struct {
+	name   string // "source", "destination"
+	c      *qmp.Client
+	pid    int
+	layout *guestram.Layout
+}
+
+// verifyDelayEnv names a test-only pause between "both paused" and hashing (a duration), so that
+// a test can change the destination's RAM in that moment.
+const verifyDelayEnv = "QMG_TEST_VERIFY_DELAY"
+
+// prepareVerify checks that --verify can work, before the source is touched.
+func (m *migration) prepareVerify(ctx context.Context) error {
+	if !m.o.Verify {
+		return nil
+	}
+	switch {
+	case m.o.Policy.Postcopy:
+		return usageError{errors.New("--verify and --postcopy exclude each other: in postcopy the destination runs before it has all its memory")}
+	case m.o.To.IsLink():
+		return m.prepareVerifyLink(ctx)
+	case m.dst == nil:
+		return usageError{errors.New("--verify needs --dst-qmp: the destination's RAM is read through its QEMU on this host, and the sidecar resumes it only after the check")}
+	}
+	cctx, cancel := context.WithTimeout(ctx, m.o.ConnectTimeout)
+	defer cancel()
+	dst, err := locateSide(cctx, "destination", m.dst, qmp.Endpoint{Socket: m.o.DstQMP})
+	if err != nil {
+		return err
+	}
+	if err := checkHeld(cctx, dst); err != nil {
+		return err
+	}
+	src, err := locateSide(cctx, "source", m.src, m.o.Source)
+	if err != nil {
+		return err
+	}
+	m.verify = &verifier{src: src, dst: dst, methods: m.o.VerifyMethods}
+	m.note("verify", fmt.Sprintf("--verify: the destination is held paused after loading; RAM will be read from the source by %s, from the destination by %s",
+		plannedMethods(src.layout, m.o.VerifyMethods), plannedMethods(dst.layout, m.o.VerifyMethods)))
+	return nil
+}
+
+// locateSide finds the QEMU process behind a monitor and its RAM layout.
+func locateSide(ctx context.Context, name string, c *qmp.Client, ep qmp.Endpoint) (verifySide, error) {
+	s := verifySide{name: name, c: c}
+	var err error
+	if s.pid, err = qemuPID(ctx, ep); err != nil {
+		return s, fmt.Errorf("--verify reads the %s's RAM on this host, but its QEMU process cannot be found here (%w): between hosts, use the link (qmg://), where each sidecar reads its own", name, err)
+	}
+	if s.layout, err = guestram.Locate(ctx, c, s.pid); err != nil {
+		return s, fmt.Errorf("--verify: the %s's RAM: %w", name, err)
+	}
+	return s, nil
+}
+
+// qemuPID is the process of the QEMU behind a monitor on this host: the listener of its QMP
+// socket, or for a libvirt domain what libvirt's pid file says (Locate then checks that the
+// process holds the guest's RAM).
+func qemuPID(ctx context.Context, ep qmp.Endpoint) (int, error) {
+	if ep.Socket != "" {
+		return guestram.PIDFromSocket(ctx, ep.Socket)
+	}
+	dirs := []string{"/run/libvirt/qemu"} // qemu:///system
+	if x := os.Getenv("XDG_RUNTIME_DIR"); x != "" {
+		dirs = append(dirs, filepath.Join(x, "libvirt/qemu/run")) // qemu:///session
+	}
+	for _, d := range dirs {
+		b, err := os.ReadFile(filepath.Join(d, ep.Domain+".pid"))
+		if err == nil {
+			return strconv.Atoi(strings.TrimSpace(string(b)))
+		}
+	}
+	return 0, fmt.Errorf("no pid file of libvirt domain %q in %s", ep.Domain, strings.Join(dirs, " or "))
+}
+
+// checkHeld refuses a destination that would run by itself after loading.
+func checkHeld(ctx context.Context, dst verifySide) error {
+	hp, err := guestram.CheckHeldPaused(ctx, dst.c, dst.pid)
+	if err != nil {
+		return err
+	}
+	if !hp.Held {
+		return usageError{fmt.Errorf("--verify needs a destination that stays paused after loading, so that it runs only once its RAM is verified, and this one would start by itself (%s): start it with -S (as libvirt does), or send `stop` on its QMP while it waits in inmigrate",
+			strings.Join(hp.Reasons, "; "))}
+	}
+	return nil
+}
+
+// plannedMethods says how a layout's blocks will be read (the first method of the order that
+// applies to each; guestram falls back block by block if it fails).
+func plannedMethods(l *guestram.Layout, order []guestram.Method) string {
+	if order == nil {
+		order = guestram.DefaultMethods
+	}
+	count := map[guestram.Method]int{}
+	for i := range l.Blocks {
+		b := &l.Blocks[i]
+		for _, meth := range order {
+			if applies(meth, b, l) {
+				count[meth]++
+				break
+			}
+		}
+	}
+	return methodList(count)
+}
+
+func applies(meth guestram.Method, b *guestram.Block, l *guestram.Layout) bool {
+	switch meth {
+	case guestram.MethodFile:
+		return b.File != nil
+	case guestram.MethodProcessVM, guestram.MethodProcMem:
+		return b.HVA != 0 && l.ProcessDenied == ""
+	case guestram.MethodPMemSave:
+		return len(b.GPA) > 0
+	}
+	return false
+}
+
+// methodList renders method counts as "process_vm_readv (12 blocks)" or "a+b".
+func methodList(count map[guestram.Method]int) string {
+	if len(count) == 0 {
+		return "no method (no block can be read)"
+	}
+	var names []string
+	for meth, n := range count {
+		names = append(names, fmt.Sprintf("%s (%d block%s)", meth, n, plural(n)))
+	}
+	sort.Strings(names)
+	return strings.Join(names, " + ")
+}
+
+func plural(n int) string {
+	if n == 1 {
+		return ""
+	}
+	return "s"
+}
+
+// ErrVerify: --verify found the destination's RAM different from the source's (exit code 8).
+var ErrVerify = errors.New("verify")
+
+// verifyRAM runs the check once the destination has the complete stream and holds paused;
+// it fills sum.Verify and resumes the destination only when every page matched.
+// Hashing has no overall deadline (every read has guestram's ReadTimeout) and stops when the
+// caller's ctx ends (a signal): nothing is resumed then either.
+func (m *migration) verifyRAM(sum *Summary) error {
+	ctx := m.ctx
+	v := m.verify
+	start := time.Now()
+	wctx, cancel := context.WithTimeout(context.Background(), m.o.ConnectTimeout)
+	defer cancel()
+	untouched := "Nothing was resumed: the destination stays paused (it has the complete stream, unverified) and the source paused in postmigrate"
+	if st, err := waitRunState(wctx, v.src.c, "postmigrate"); err != nil {
+		return &MigrateError{Class: ErrSource, Phase: savevm.PhaseDone, SourceState: st,
+			Err: fmt.Errorf("--verify: the source did not complete its migration (%w). %s", err, untouched)}
+	}
+	m.note("verify", "both guests are paused: comparing their RAM")
+	if d, _ := time.ParseDuration(os.Getenv(verifyDelayEnv)); d > 0 {
+		time.Sleep(d) // test-only: a moment in which a test changes the destination's RAM
+	}
+	ex, notes := m.kvmExclusions(v.dst.layout)
+	for _, n := range notes {
+		if m.o.Warn != nil {
+			m.o.Warn(n)
+		}
+	}
+	var seed [8]byte
+	rand.Read(seed[:])
+	opt := guestram.Options{Methods: v.methods, Seed: binary.LittleEndian.Uint64(seed[:])}
+	type result struct {
+		list *guestram.List
+		ms   int64
+		err  error
+	}
+	hash := func(s verifySide, out chan<- result) {
+		t := time.Now()
+		l, err := guestram.Hash(ctx, s.c, s.layout, opt)
+		out <- result{l, time.Since(t).Milliseconds(), err}
+	}
+	sc, dc := make(chan result, 1), make(chan result, 1)
+	go hash(v.src, sc)
+	go hash(v.dst, dc)
+	sr, dr := <-sc, <-dc
+	for _, r := range []struct {
+		res   result
+		side  verifySide
+		class error
+	}{{sr, v.src, ErrSource}, {dr, v.dst, ErrDestination}} {
+		if r.res.err != nil {
+			advice := "Nothing was resumed: the destination stays paused with the complete stream, unverified. If the source's QEMU is gone, the destination holds the only copy: `cont` on it; if the source still answers, quit the destination and `cont` the source"
+			if r.class == ErrDestination {
+				advice = "Nothing was resumed: the source stays paused in postmigrate and is the trustworthy copy: quit the destination (if it still runs), then `cont` on the source's QMP"
+			}
+			return &MigrateError{Class: r.class, Phase: savevm.PhaseDone, SourceState: m.sourceStateNow(),
+				Err: fmt.Errorf("--verify could not read the %s's RAM: %w. %s", r.side.name, r.res.err, advice)}
+		}
+	}
+	d := guestram.Compare(sr.list, dr.list, ex)
+	vs := &savevm.VerifySummary{Equal: d.Equal(), Blocks: len(d.Blocks), Pages: d.Compared, Differing: d.Differing,
+		SourceMethod: usedMethods(sr.list), DestMethod: usedMethods(dr.list), SourceMs: sr.ms, DestMs: dr.ms}
+	for _, b := range d.Blocks {
+		vs.Excluded += len(b.Excluded)
+	}
+	vs.DurationMs = time.Since(start).Milliseconds()
+	sum.Verify = vs
+	if !d.Equal() {
+		return &MigrateError{Class: ErrVerify, Phase: savevm.PhaseDone, SourceState: "postmigrate",
+			Err: fmt.Errorf("the destination's RAM is not the source's: %s. The destination was not resumed and stays paused; the source, paused in postmigrate, is the trustworthy copy: quit the destination, then `cont` on the source's QMP",
+				strings.ReplaceAll(d.String(), "\n", "; "))}
+	}
+	m.note("verify", fmt.Sprintf("verified: all %d pages of %d blocks are equal (%v; source read by %s in %d ms, destination by %s in %d ms)",
+		d.Compared, len(d.Blocks), time.Duration(vs.DurationMs)*time.Millisecond, vs.SourceMethod, sr.ms, vs.DestMethod, dr.ms))
+	if err := v.dst.c.Cont(wctx); err != nil {
+		return &MigrateError{Class: ErrDestination, Phase: savevm.PhaseDone, SourceState: "postmigrate",
+			Err: fmt.Errorf("the RAM is verified, but resuming the destination failed: %w; `cont` on its QMP", err)}
+	}
+	return nil
+}
+
+// usedMethods names the methods a hash list's blocks were read by.
+func usedMethods(l *guestram.List) string {
+	count := map[guestram.Method]int{}
+	for _, b := range l.Blocks {
+		if b.Method != "" {
+			count[b.Method]++
+		}
+	}
+	return methodList(count)
+}
+
+// kvmExclusions are the guest pages KVM rewrites when the destination loads the vCPUs' state
+// (guestram's KVMWrites), from the cpu sections of the stream the engine kept. Under TCG the
+// MSRs are 0 and nothing is excluded.
+func (m *migration) kvmExclusions(l *guestram.Layout) ([]guestram.Exclusion, []string) {
+	if m.engine == nil {
+		return nil, nil
+	}
+	cpus, vmdesc := m.engine.CPUStates()
+	return exclusionsFrom(cpus, vmdesc, l)
+}
+
+// exclusionsFrom decodes the MSRs of each kept cpu section and maps what KVM writes to pages.
+func exclusionsFrom(cpus []savevm.CPUState, vmdesc []byte, l *guestram.Layout) ([]guestram.Exclusion, []string) {
+	if len(cpus) == 0 {
+		return nil, nil
+	}
+	var notes []string
+	desc, err := stream.ParseVMDesc(vmdesc)
+	if err != nil {
+		return nil, []string{fmt.Sprintf("--verify: the stream's vmdesc cannot be read (%v): the vCPUs' paravirtual clock pages are not excluded; under KVM they may differ", err)}
+	}
+	var writes []guestram.HypervisorWrite
+	for _, c := range cpus {
+		dev := desc.Device("cpu", c.Instance)
+		if dev == nil {
+			notes = append(notes, fmt.Sprintf("--verify: cpu %d is not in the vmdesc: its paravirtual pages are not excluded", c.Instance))
+			continue
+		}
+		node, _, err := stream.DecodeVMState(c.Body, dev, nil)
+		if err != nil {
+			notes = append(notes, fmt.Sprintf("--verify: cpu %d's state: %v: its paravirtual pages are not excluded", c.Instance, err))
+			continue
+		}
+		msrs, err := guestram.PVMSRsFromVMState(node)
+		if err != nil {
+			notes = append(notes, err.Error())
+			continue
+		}
+		writes = append(writes, guestram.KVMWrites(int(c.Instance), msrs)...)
+	}
+	ex, unmapped := l.Exclusions(writes)
+	for _, w := range unmapped {
+		notes = append(notes, fmt.Sprintf("--verify: cpu %d's %s names 0x%x, outside guest RAM", w.CPU, w.MSR, w.GPA))
+	}
+	return ex, notes
+}
+
+// waitRunState waits (bounded by ctx) until c's run state is state; it returns the last one.
+func waitRunState(ctx context.Context, c *qmp.Client, state string) (string, error) {
+	for {
+		st, err := c.QueryStatus(ctx)
+		if err != nil {
+			return "unknown (" + err.Error() + ")", err
+		}
+		if st.Status == state {
+			return state, nil
+		}
+		select {
+		case <-ctx.Done():
+			return st.Status, fmt.Errorf("it is %q, not %s: %w", st.Status, state, ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// sourceStateNow is the source's run state for a report (bounded).
+func (m *migration) sourceStateNow() string {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	st, err := m.src.QueryStatus(ctx)
+	if err != nil {
+		return "unknown: its QMP does not answer (" + err.Error() + ")"
+	}
+	return st.Status
+}
+
+// note sends an event of its own type (verify) to the caller.
+func (m *migration) note(typ, msg string) {
+	if m.o.Events != nil {
+		m.o.Events(savevm.Event{Type: typ, Time: time.Now(), Phase: savevm.PhaseDone, Message: msg})
+	}
+}
+
+// prepareVerifyLink: over the link each sidecar hashes its own QEMU (link.go).
+func (m *migration) prepareVerifyLink(ctx context.Context) error {
+	return usageError{errors.New("--verify over the link is not built yet")}
+}
