@@ -20,8 +20,9 @@ import (
 
 // verifyPair starts a source running g and a destination listening on a fresh port; the
 // destination is held paused (-S) unless running is set; shared picks both RAM backends (the
-// same on both sides: a backend's id names the RAM block, "ram0", which must match).
-func verifyPair(t *testing.T, ctx context.Context, srcQ, dstQ QEMU, g guestCase, running bool, shared string) (src, dst *VM, uri string) {
+// same on both sides: a backend's id names the RAM block, "ram0", which must match); dstNS
+// is the destination's network namespace (the link tests).
+func verifyPair(t *testing.T, ctx context.Context, srcQ, dstQ QEMU, g guestCase, running bool, shared string, dstNS ...string) (src, dst *VM, uri string) {
 	t.Helper()
 	port, err := FreePort()
 	if err != nil {
@@ -32,7 +33,7 @@ func verifyPair(t *testing.T, ctx context.Context, srcQ, dstQ QEMU, g guestCase,
 	disk := g.disk(g.memMiB)
 	src = StartVM(t, VMConfig{Name: "src", QEMU: srcQ, Machine: machine, MemMiB: g.memMiB, Disk: disk, SharedMem: shared})
 	dst = StartVM(t, VMConfig{Name: "dst", QEMU: dstQ, Machine: machine, MemMiB: g.memMiB, Disk: disk,
-		Incoming: uri, Paused: !running, SharedMem: shared})
+		Incoming: uri, Paused: !running, SharedMem: shared, Netns: strings.Join(dstNS, "")})
 	if err := src.WaitMoreSerial(ctx, g.progress, 3); err != nil {
 		t.Fatal(err)
 	}
@@ -234,4 +235,123 @@ func TestVerifyQEMUDies(t *testing.T) {
 			t.Logf("exit %d after %v: %s", code, took.Round(time.Millisecond), lastLine(stderr))
 		})
 	}
+}
+
+// verifyLinkRun runs receive (next to dst, in the link's destination namespace) and the sender
+// with --verify, mutual TLS across the veth pair; on sees the sender's events.
+func verifyLinkRun(t *testing.T, ctx context.Context, ends linkEnds, pki *TestPKI, src, dst *VM, uri string, on func(*sidecarProc, savevm.Event)) pairRun {
+	t.Helper()
+	var r pairRun
+	r.recv = startReceiver(t, ctx, ends, "--to", uri, "--dst-qmp", dst.SidecarQMP,
+		"--tls-cert", pki.Server.CertFile, "--tls-key", pki.Server.KeyFile, "--tls-ca", pki.CA.CertFile)
+	r.send = startSidecarIn(t, ends.srcNS, on, "--qmp", src.SidecarQMP, "--to", "qmg://"+ends.dial, "--json", "--verify",
+		"--tls-cert", pki.Client.CertFile, "--tls-key", pki.Client.KeyFile, "--tls-ca", pki.CA.CertFile)
+	r.sendCode, r.sendWall, r.sendErr = r.send.wait(t, 2*time.Minute)
+	r.recvCode, r.recvWall, r.recvErr = r.recv.wait(t, 30*time.Second)
+	return r
+}
+
+// TestLinkVerify: --verify over a pair of sidecars, each hashing its own QEMU and only the
+// destination's hash list crossing the link. Passes for every version pair (the receiver
+// resumes its destination only on the sender's verdict); one page changed on the destination
+// → both sidecars exit 8 naming it, nothing resumed, the source resumable; a destination not
+// held paused → the receiver refuses HELLO, the source untouched.
+func TestLinkVerify(t *testing.T) {
+	sidecarBinary(t)
+	ends, np := netEnds(t, NetOptions{})
+	pki := NewTestPKI(t, np.Dst.Addr.String())
+	for _, p := range pairs {
+		t.Run("equal/"+p[0]+"-"+p[1], func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			g := guestCases(128, 256)[0]
+			src, dst, uri := verifyPair(t, ctx, requireQEMU(t, p[0]), requireQEMU(t, p[1]), g, false, "", np.Dst.Name)
+			r := verifyLinkRun(t, ctx, ends, pki, src, dst, uri, nil)
+			if r.sendCode != 0 || r.recvCode != 0 {
+				t.Fatalf("sender exit %d: %s; receiver exit %d: %s", r.sendCode, r.sendErr, r.recvCode, r.recvErr)
+			}
+			ss, rs := summaryOf(r.send), summaryOf(r.recv)
+			if ss == nil || ss.Verify == nil || !ss.Verify.Equal || rs == nil || rs.Verify == nil || !rs.Verify.Equal {
+				t.Fatalf("summaries: sender %+v, receiver %+v", ss, rs)
+			}
+			if want := int64(g.memMiB) << 20 >> 12; int64(ss.Verify.Pages) < want {
+				t.Errorf("verified %d pages, the guest alone has %d", ss.Verify.Pages, want)
+			}
+			if _, err := dst.WaitStatus(ctx, "running"); err != nil {
+				t.Fatalf("the receiver did not resume the verified destination: %v", err)
+			}
+			if err := dst.WaitMoreSerial(ctx, g.progress, 3); err != nil {
+				t.Fatalf("guest does not run on the destination: %v", err)
+			}
+			v := ss.Verify
+			t.Logf("%d pages verified in %d ms (source %s %d ms; destination %s, %d ms to its list on the sender)",
+				v.Pages, v.DurationMs, v.SourceMethod, v.SourceMs, v.DestMethod, v.DestMs)
+		})
+	}
+	t.Run("mismatch", func(t *testing.T) {
+		t.Setenv("QMG_TEST_VERIFY_DELAY", "1500ms")
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		q := requireQEMU(t, "10.0")
+		g := guestCases(128, 256)[0]
+		src, dst, uri := verifyPair(t, ctx, q, q, g, false, "file", np.Dst.Name)
+		const page = 0x3456
+		var werr error
+		r := verifyLinkRun(t, ctx, ends, pki, src, dst, uri, atVerifyPaused(func(*sidecarProc) {
+			werr = flipPage(filepath.Join(dst.Dir, "ram"), page)
+		}))
+		if werr != nil {
+			t.Fatal(werr)
+		}
+		for side, c := range map[string]struct {
+			code int
+			msg  string
+		}{"sender": {r.sendCode, r.sendErr}, "receiver": {r.recvCode, r.recvErr}} {
+			if c.code != 8 {
+				t.Errorf("%s exit %d, want 8: %s", side, c.code, c.msg)
+			}
+			for _, want := range []string{"block ram0: 1 of", fmt.Sprintf("page %d (offset 0x%x000)", page, page), "not resumed", "`cont` on the source"} {
+				if !strings.Contains(c.msg, want) {
+					t.Errorf("the %s's error does not say %q: %s", side, want, c.msg)
+				}
+			}
+		}
+		time.Sleep(500 * time.Millisecond)
+		if st, err := dst.QMP.QueryStatus(ctx); err != nil || st.Status != "paused" {
+			t.Errorf("destination is %+v (%v), want paused", st, err)
+		}
+		if _, err := src.WaitStatus(ctx, "postmigrate"); err != nil {
+			t.Fatal(err)
+		}
+		if err := src.QMP.Cont(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := src.WaitMoreSerial(ctx, g.progress, 3); err != nil {
+			t.Fatalf("the source does not run on after `cont`: %v", err)
+		}
+		t.Logf("receiver: %s", lastLine(r.recvErr))
+	})
+	t.Run("destination-not-held", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		q := requireQEMU(t, "10.0")
+		g := guestCases(128, 256)[0]
+		src, dst, uri := verifyPair(t, ctx, q, q, g, true, "", np.Dst.Name)
+		r := verifyLinkRun(t, ctx, ends, pki, src, dst, uri, nil)
+		if r.sendCode == 0 || r.recvCode == 0 {
+			t.Fatalf("not refused: sender exit %d, receiver exit %d", r.sendCode, r.recvCode)
+		}
+		for side, msg := range map[string]string{"sender": r.sendErr, "receiver": r.recvErr} {
+			if !strings.Contains(msg, "-S") {
+				t.Errorf("the %s does not say how to start the destination: %s", side, msg)
+			}
+		}
+		if m, err := src.QMP.QueryMigrate(ctx); err != nil || m.Status != "" {
+			t.Errorf("the source was touched: migration %q (%v)", m.Status, err)
+		}
+		if st, err := dst.QMP.QueryStatus(ctx); err != nil || st.Status != "inmigrate" {
+			t.Errorf("destination is %+v (%v), want still inmigrate", st, err)
+		}
+		t.Logf("sender exit %d: %s", r.sendCode, lastLine(r.sendErr))
+	})
 }

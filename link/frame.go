@@ -35,6 +35,11 @@ const (
 	FrameCommit    FrameType = 0x07
 	FrameDelivered FrameType = 0x08
 	FrameStatus    FrameType = 0x09
+	// --verify (feature "verify", PROTOCOL.md §5.1): only after both sides agreed in HELLO and
+	// WELCOME.
+	FrameVerify  FrameType = 0x0a // sender → receiver: hash the destination with this seed
+	FrameHashes  FrameType = 0x0b // receiver → sender: a chunk of its hash list; empty = the end
+	FrameVerdict FrameType = 0x0c // sender → receiver: equal or not, and why
 )
 
 // Data frames (PROTOCOL.md §2.2); every payload starts with be64 seq.
@@ -52,7 +57,7 @@ const (
 var frameNames = map[FrameType]string{
 	FrameHello: "HELLO", FrameWelcome: "WELCOME", FramePing: "PING", FramePong: "PONG",
 	FrameError: "ERROR", FrameReady: "READY", FrameCommit: "COMMIT", FrameDelivered: "DELIVERED",
-	FrameStatus: "STATUS", FrameBegin: "BEGIN", FrameSection: "SECTION", FrameMemSize: "MEMSIZE",
+	FrameStatus: "STATUS", FrameVerify: "VERIFY", FrameHashes: "HASHES", FrameVerdict: "VERDICT", FrameBegin: "BEGIN", FrameSection: "SECTION", FrameMemSize: "MEMSIZE",
 	FramePages: "PAGES", FrameSectionEnd: "SECTION_END", FrameCommand: "COMMAND",
 	FrameDevice: "DEVICE", FrameEnd: "END",
 }

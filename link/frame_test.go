@@ -14,7 +14,7 @@ import (
 // allFrameTypes is every frame type of protocol version 1 (PROTOCOL.md §2.1, §2.2).
 var allFrameTypes = []FrameType{
 	FrameHello, FrameWelcome, FramePing, FramePong, FrameError, FrameReady, FrameCommit,
-	FrameDelivered, FrameStatus,
+	FrameDelivered, FrameStatus, FrameVerify, FrameHashes, FrameVerdict,
 	FrameBegin, FrameSection, FrameMemSize, FramePages, FrameSectionEnd, FrameCommand,
 	FrameDevice, FrameEnd,
 }
@@ -58,6 +58,7 @@ func TestFrameTypes(t *testing.T) {
 	names := map[FrameType]string{
 		FrameHello: "HELLO", FrameWelcome: "WELCOME", FramePing: "PING", FramePong: "PONG", FrameError: "ERROR",
 		FrameReady: "READY", FrameCommit: "COMMIT", FrameDelivered: "DELIVERED", FrameStatus: "STATUS",
+		FrameVerify: "VERIFY", FrameHashes: "HASHES", FrameVerdict: "VERDICT",
 		FrameBegin: "BEGIN", FrameSection: "SECTION", FrameMemSize: "MEMSIZE", FramePages: "PAGES",
 		FrameSectionEnd: "SECTION_END", FrameCommand: "COMMAND", FrameDevice: "DEVICE", FrameEnd: "END",
 	}

@@ -212,3 +212,21 @@ func AppendJSON(dst []byte, v any) ([]byte, error) {
 	j, err := json.Marshal(v)
 	return append(dst, j...), err
 }
+
+// FeatureVerify is the HELLO/WELCOME feature of --verify (PROTOCOL.md §5.1).
+const FeatureVerify = "verify"
+
+// Verify is VERIFY's JSON: the seed of this check's hashes (drawn by the sender).
+type Verify struct {
+	Seed uint64 `json:"seed,string"`
+}
+
+// Verdict is VERDICT's JSON: the sender's comparison of the two hash lists.
+type Verdict struct {
+	Equal   bool            `json:"equal"`
+	Message string          `json:"message"`           // what differs, or "all N pages … are equal"
+	Summary json.RawMessage `json:"summary,omitempty"` // the sender's verify summary (events.schema.json $defs.verify)
+}
+
+// MaxHashChunk is the largest HASHES payload (a control frame).
+const MaxHashChunk = 60 << 10

@@ -265,7 +265,7 @@ func (s *Session) writeControl(t FrameType, payload []byte, timeout time.Duratio
 }
 
 // Control delivers the control frames the application handles (READY, COMMIT, DELIVERED,
-// STATUS); their payloads are copies. PING, PONG and ERROR are handled by the session.
+// STATUS, and VERIFY, HASHES, VERDICT); their payloads are copies. PING, PONG and ERROR are handled by the session.
 func (s *Session) Control() <-chan Frame { return s.control }
 
 // PeerPing is the peer's latest PING (the receiver's view of the data flow), if any.
@@ -332,7 +332,7 @@ func (s *Session) readControl() {
 			}
 			s.fail(re)
 			return
-		case FrameReady, FrameCommit, FrameDelivered, FrameStatus:
+		case FrameReady, FrameCommit, FrameDelivered, FrameStatus, FrameVerify, FrameHashes, FrameVerdict:
 			f.Payload = bytes.Clone(f.Payload)
 			select {
 			case s.control <- f:

@@ -351,6 +351,10 @@ func TestControlFrames(t *testing.T) {
 		{snd, rcv, FrameCommit, nil},
 		{rcv, snd, FrameDelivered, delivered},
 		{rcv, snd, FrameStatus, []byte(`{"state":"running"}`)},
+		{snd, rcv, FrameVerify, []byte(`{"seed":"7"}`)},
+		{rcv, snd, FrameHashes, bytes.Repeat([]byte{0xa5}, MaxHashChunk)},
+		{rcv, snd, FrameHashes, nil},
+		{snd, rcv, FrameVerdict, []byte(`{"equal":true,"message":"ok"}`)},
 	} {
 		if err := step.from.SendControl(step.t, step.p); err != nil {
 			t.Fatal(err)

@@ -58,6 +58,9 @@ func (m *migration) dialLink(ctx context.Context) error {
 		n = DefaultConnections
 	}
 	hello := link.Hello{Connections: n, Compress: link.CodecNames(), Sidecar: Version, Source: &link.Endpoint{Status: m.before}}
+	if m.verify != nil {
+		hello.Features = append(hello.Features, link.FeatureVerify)
+	}
 	if v, err := m.src.QueryVersion(ctx); err == nil {
 		hello.Source.QEMU = fmt.Sprintf("%d.%d.%d", v.QEMU.Major, v.QEMU.Minor, v.QEMU.Micro)
 	}
@@ -67,6 +70,10 @@ func (m *migration) dialLink(ctx context.Context) error {
 	s, err := link.Dial(ctx, m.o.To.Addr, cfg, hello)
 	if err != nil {
 		return err
+	}
+	if m.verify != nil && !link.HasFeature(s.Welcome.Features, link.FeatureVerify) {
+		s.Abort(link.CodeRefused, "--verify: the receiver did not agree")
+		return usageError{errors.New("--verify: the receiving sidecar does not offer the check (a version without it): run it without --verify, or upgrade the receiver")}
 	}
 	m.session = s
 	m.defer_(func() {

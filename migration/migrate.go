@@ -413,6 +413,13 @@ func (m *migration) finish(sum Summary) (Summary, error) {
 			return sum, &MigrateError{Class: ErrDestination, Phase: savevm.PhaseDone, SourceState: "postmigrate",
 				Err: fmt.Errorf("%w; the source stays paused in postmigrate: check the destination's log, and if it cannot run, resume the source with `cont` on its QMP", err)}
 		}
+		if m.verify != nil {
+			// The receiver holds its destination paused: it runs only once its RAM is the source's.
+			if err := m.verifyRAM(&sum, linkPeer{m}); err != nil {
+				savevm.EmitSummary(m.o.Options, sum)
+				return sum, err
+			}
+		}
 	}
 	if m.dst != nil {
 		st, err := waitDestination(wctx, m.dst)
@@ -422,7 +429,7 @@ func (m *migration) finish(sum Summary) (Summary, error) {
 		}
 		if m.verify != nil {
 			// The destination holds paused: it runs only once its RAM is the source's.
-			if err := m.verifyRAM(&sum); err != nil {
+			if err := m.verifyRAM(&sum, localPeer{m.verify.dst}); err != nil {
 				savevm.EmitSummary(m.o.Options, sum)
 				return sum, err
 			}

@@ -91,7 +91,10 @@ func Receive(ctx context.Context, o ReceiveOptions) (Summary, error) {
 	}
 	r.delivered = true
 	// 5. The destination has the complete stream: see it run, and tell the sender.
-	if err := r.finish(); err != nil {
+	if err := r.finish(ctx, &sum); err != nil {
+		if sum.Verify != nil {
+			savevm.EmitSummary(savevm.Options{Events: o.Events}, sum)
+		}
 		return sum, err
 	}
 	savevm.EmitSummary(savevm.Options{Events: o.Events}, sum)
@@ -110,6 +113,7 @@ type receiving struct {
 	dconn     transport.Conn
 	session   *link.Session
 	delivered bool
+	verify    *verifySide // the sender asked for --verify and this destination can be read
 }
 
 func (r *receiving) defer_(f func()) { r.cleanup = append(r.cleanup, f) }
@@ -193,6 +197,9 @@ func (r *receiving) accept(h link.Hello) (link.Welcome, error) {
 			return w, refusal{fmt.Errorf("the destination VM is %q, not waiting for an incoming migration", st.Status)}
 		}
 	}
+	if err := r.acceptVerify(h); err != nil {
+		return w, err
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), r.o.ConnectTimeout)
 	defer cancel()
 	dconn, err := transport.Open(ctx, r.o.To)
@@ -210,6 +217,9 @@ func (r *receiving) accept(h link.Hello) (link.Welcome, error) {
 	if r.dst != nil {
 		w.Features = append(w.Features, "status")
 		w.Destination.Status = "inmigrate"
+	}
+	if r.verify != nil {
+		w.Features = append(w.Features, link.FeatureVerify)
 	}
 	return w, nil
 }
@@ -241,14 +251,14 @@ func (r *receiving) failed(ctx context.Context, err error, phase savevm.Phase) e
 }
 
 // finish waits, with the destination's QMP, until it runs (or stays paused), and reports that
-// to the sender (STATUS).
-func (r *receiving) finish() error {
+// to the sender (STATUS); with --verify the destination then runs only after the check.
+func (r *receiving) finish(ctx context.Context, sum *Summary) error {
 	if r.dst == nil {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), r.o.ConnectTimeout)
+	wctx, cancel := context.WithTimeout(context.Background(), r.o.ConnectTimeout)
 	defer cancel()
-	st, err := waitDestination(ctx, r.dst)
+	st, err := waitDestination(wctx, r.dst)
 	if err != nil {
 		savevm.SendStatus(r.session, "failed", err.Error())
 		return &MigrateError{Class: ErrDestination, Phase: savevm.PhaseDone,
@@ -256,6 +266,9 @@ func (r *receiving) finish() error {
 	}
 	if err := savevm.SendStatus(r.session, st, ""); err != nil && r.o.Warn != nil {
 		r.o.Warn("the destination runs, but the sender did not get the news: " + err.Error())
+	}
+	if r.verify != nil {
+		return r.serveVerify(ctx, sum)
 	}
 	return nil
 }

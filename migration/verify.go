@@ -184,25 +184,25 @@ func plural(n int) string {
 var ErrVerify = errors.New("verify")
 
 // verifyRAM runs the check once the destination has the complete stream and holds paused;
-// it fills sum.Verify and resumes the destination only when every page matched.
-// Hashing has no overall deadline (every read has guestram's ReadTimeout) and stops when the
-// caller's ctx ends (a signal): nothing is resumed then either.
-func (m *migration) verifyRAM(sum *Summary) error {
+// it fills sum.Verify and resumes the destination only when every page matched. The
+// destination is read here (relay mode) or by the receiving sidecar (the link, verifylink.go).
+// Hashing has no overall deadline (every read has guestram's ReadTimeout; the link has its
+// heartbeat) and stops when the caller's ctx ends (a signal): nothing is resumed then either.
+func (m *migration) verifyRAM(sum *Summary, dst verifyPeer) error {
 	ctx := m.ctx
 	v := m.verify
 	start := time.Now()
 	wctx, cancel := context.WithTimeout(context.Background(), m.o.ConnectTimeout)
 	defer cancel()
-	untouched := "Nothing was resumed: the destination stays paused (it has the complete stream, unverified) and the source paused in postmigrate"
 	if st, err := waitRunState(wctx, v.src.c, "postmigrate"); err != nil {
 		return &MigrateError{Class: ErrSource, Phase: savevm.PhaseDone, SourceState: st,
-			Err: fmt.Errorf("--verify: the source did not complete its migration (%w). %s", err, untouched)}
+			Err: fmt.Errorf("--verify: the source did not complete its migration (%w). Nothing was resumed: the destination stays paused (it has the complete stream, unverified) and the source paused", err)}
 	}
 	m.note("verify", "both guests are paused: comparing their RAM")
 	if d, _ := time.ParseDuration(os.Getenv(verifyDelayEnv)); d > 0 {
 		time.Sleep(d) // test-only: a moment in which a test changes the destination's RAM
 	}
-	ex, notes := m.kvmExclusions(v.dst.layout)
+	ex, notes := m.kvmExclusions(v.src.layout)
 	for _, n := range notes {
 		if m.o.Warn != nil {
 			m.o.Warn(n)
@@ -216,28 +216,24 @@ func (m *migration) verifyRAM(sum *Summary) error {
 		ms   int64
 		err  error
 	}
-	hash := func(s verifySide, out chan<- result) {
+	timed := func(f func() (*guestram.List, error), out chan<- result) {
 		t := time.Now()
-		l, err := guestram.Hash(ctx, s.c, s.layout, opt)
+		l, err := f()
 		out <- result{l, time.Since(t).Milliseconds(), err}
 	}
 	sc, dc := make(chan result, 1), make(chan result, 1)
-	go hash(v.src, sc)
-	go hash(v.dst, dc)
+	go timed(func() (*guestram.List, error) { return guestram.Hash(ctx, v.src.c, v.src.layout, opt) }, sc)
+	go timed(func() (*guestram.List, error) { return dst.hash(ctx, opt) }, dc)
 	sr, dr := <-sc, <-dc
-	for _, r := range []struct {
-		res   result
-		side  verifySide
-		class error
-	}{{sr, v.src, ErrSource}, {dr, v.dst, ErrDestination}} {
-		if r.res.err != nil {
-			advice := "Nothing was resumed: the destination stays paused with the complete stream, unverified. If the source's QEMU is gone, the destination holds the only copy: `cont` on it; if the source still answers, quit the destination and `cont` the source"
-			if r.class == ErrDestination {
-				advice = "Nothing was resumed: the source stays paused in postmigrate and is the trustworthy copy: quit the destination (if it still runs), then `cont` on the source's QMP"
-			}
-			return &MigrateError{Class: r.class, Phase: savevm.PhaseDone, SourceState: m.sourceStateNow(),
-				Err: fmt.Errorf("--verify could not read the %s's RAM: %w. %s", r.side.name, r.res.err, advice)}
-		}
+	if sr.err != nil {
+		dst.abort(ErrSource, "the sending sidecar could not read the source's RAM: "+sr.err.Error())
+		return &MigrateError{Class: ErrSource, Phase: savevm.PhaseDone, SourceState: m.sourceStateNow(),
+			Err: fmt.Errorf("--verify could not read the source's RAM: %w. Nothing was resumed: the destination stays paused with the complete stream, unverified. If the source's QEMU is gone, the destination holds the only copy: `cont` on it; if the source still answers, quit the destination and `cont` the source", sr.err)}
+	}
+	if dr.err != nil {
+		dst.abort(ErrDestination, "the sending sidecar did not get the destination's hashes: "+dr.err.Error())
+		return &MigrateError{Class: ErrDestination, Phase: savevm.PhaseDone, SourceState: m.sourceStateNow(),
+			Err: fmt.Errorf("--verify could not read the destination's RAM: %w. Nothing was resumed: the source stays paused in postmigrate and is the trustworthy copy: quit the destination (if it still runs), then `cont` on the source's QMP", dr.err)}
 	}
 	d := guestram.Compare(sr.list, dr.list, ex)
 	vs := &savevm.VerifySummary{Equal: d.Equal(), Blocks: len(d.Blocks), Pages: d.Compared, Differing: d.Differing,
@@ -247,19 +243,51 @@ func (m *migration) verifyRAM(sum *Summary) error {
 	}
 	vs.DurationMs = time.Since(start).Milliseconds()
 	sum.Verify = vs
+	what := strings.ReplaceAll(strings.TrimSpace(d.String()), "\n", "; ")
+	vctx, vcancel := context.WithTimeout(context.Background(), m.o.ConnectTimeout)
+	defer vcancel()
 	if !d.Equal() {
+		dst.verdict(vctx, vs, what)
 		return &MigrateError{Class: ErrVerify, Phase: savevm.PhaseDone, SourceState: "postmigrate",
-			Err: fmt.Errorf("the destination's RAM is not the source's: %s. The destination was not resumed and stays paused; the source, paused in postmigrate, is the trustworthy copy: quit the destination, then `cont` on the source's QMP",
-				strings.ReplaceAll(d.String(), "\n", "; "))}
+			Err: fmt.Errorf("the destination's RAM is not the source's: %s. %s", what, mismatchAdvice)}
 	}
 	m.note("verify", fmt.Sprintf("verified: all %d pages of %d blocks are equal (%v; source read by %s in %d ms, destination by %s in %d ms)",
 		d.Compared, len(d.Blocks), time.Duration(vs.DurationMs)*time.Millisecond, vs.SourceMethod, sr.ms, vs.DestMethod, dr.ms))
-	if err := v.dst.c.Cont(wctx); err != nil {
+	if err := dst.verdict(vctx, vs, what); err != nil {
 		return &MigrateError{Class: ErrDestination, Phase: savevm.PhaseDone, SourceState: "postmigrate",
 			Err: fmt.Errorf("the RAM is verified, but resuming the destination failed: %w; `cont` on its QMP", err)}
 	}
 	return nil
 }
+
+// mismatchAdvice ends every mismatch report, on both ends of a link.
+const mismatchAdvice = "The destination was not resumed and stays paused; the source, paused in postmigrate, is the trustworthy copy: quit the destination, then `cont` on the source's QMP"
+
+// verifyPeer is where the destination's RAM is: its QEMU on this host, or a receiving sidecar.
+type verifyPeer interface {
+	// hash returns the destination's hash list, made with opt's seed.
+	hash(ctx context.Context, opt guestram.Options) (*guestram.List, error)
+	// verdict reports the comparison; when it is equal the destination is resumed.
+	verdict(ctx context.Context, vs *savevm.VerifySummary, what string) error
+	// abort says the check cannot be made (the other side's copy stays as it is).
+	abort(class error, msg string)
+}
+
+// localPeer is a destination QEMU on this host (relay mode with --dst-qmp).
+type localPeer struct{ verifySide }
+
+func (p localPeer) hash(ctx context.Context, opt guestram.Options) (*guestram.List, error) {
+	return guestram.Hash(ctx, p.c, p.layout, opt)
+}
+
+func (p localPeer) verdict(ctx context.Context, vs *savevm.VerifySummary, _ string) error {
+	if !vs.Equal {
+		return nil
+	}
+	return p.c.Cont(ctx)
+}
+
+func (localPeer) abort(error, string) {}
 
 // usedMethods names the methods a hash list's blocks were read by.
 func usedMethods(l *guestram.List) string {
@@ -353,9 +381,4 @@ func (m *migration) note(typ, msg string) {
 	if m.o.Events != nil {
 		m.o.Events(savevm.Event{Type: typ, Time: time.Now(), Phase: savevm.PhaseDone, Message: msg})
 	}
-}
-
-// prepareVerifyLink: over the link each sidecar hashes its own QEMU (link.go).
-func (m *migration) prepareVerifyLink(ctx context.Context) error {
-	return usageError{errors.New("--verify over the link is not built yet")}
 }
