@@ -60,20 +60,30 @@ func atVerifyPaused(f func(p *sidecarProc)) func(*sidecarProc, savevm.Event) {
 
 // TestVerifyMigration: both guests, 7.2 and 10.0 (and across), the destination held by -S is
 // resumed by the sidecar after the check, and its guest runs on. With its RAM in a shared file
-// (the file method) and anonymous (the process's mapping) alike.
+// (the file method), anonymous (the process's mapping), and read by pmemsave, the fallback
+// that needs only QMP (its guest-physical map must be the loaded guest's, not the fresh boot's
+// that the destination had before the stream).
 func TestVerifyMigration(t *testing.T) {
 	sidecarBinary(t)
+	type variant struct{ guest, shared, methods string }
 	for _, p := range pairs {
-		for _, g := range guestCases(128, 256) {
-			shared := ""
-			if g.name == "fill" {
-				shared = "file"
+		for _, vr := range []variant{{"dirty", "", ""}, {"fill", "file", ""}, {"dirty", "", "pmemsave,process_vm_readv"}} {
+			g := guestCases(128, 256)[0]
+			if vr.guest == "fill" {
+				g = guestCases(128, 256)[1]
 			}
-			t.Run(fmt.Sprintf("%s-%s/%s", p[0], p[1], g.name), func(t *testing.T) {
+			shared := vr.shared
+			name := fmt.Sprintf("%s-%s/%s", p[0], p[1], g.name)
+			var extra []string
+			if vr.methods != "" {
+				name += "/" + strings.ReplaceAll(vr.methods, ",", "+") // a comma in t.TempDir would break -qmp
+				extra = []string{"--verify-method", vr.methods}
+			}
+			t.Run(name, func(t *testing.T) {
 				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 				defer cancel()
 				src, dst, uri := verifyPair(t, ctx, requireQEMU(t, p[0]), requireQEMU(t, p[1]), g, false, shared)
-				proc := startSidecar(t, nil, verifyArgs(src, dst, uri)...)
+				proc := startSidecar(t, nil, verifyArgs(src, dst, uri, extra...)...)
 				code, wall, stderr := proc.wait(t, 2*time.Minute)
 				if code != 0 {
 					t.Fatalf("exit %d: %s", code, stderr)
@@ -85,6 +95,9 @@ func TestVerifyMigration(t *testing.T) {
 				v := sum.Verify
 				if !v.Equal || v.Differing != 0 {
 					t.Fatalf("verify says not equal yet exited 0: %+v", v)
+				}
+				if vr.methods != "" && (!strings.HasPrefix(v.SourceMethod, "pmemsave") || !strings.HasPrefix(v.DestMethod, "pmemsave")) {
+					t.Errorf("the guest's RAM was not read by pmemsave: source %s, destination %s", v.SourceMethod, v.DestMethod)
 				}
 				if want := int64(g.memMiB) << 20 >> 12; int64(v.Pages) < want {
 					t.Errorf("verified %d pages, the guest alone has %d", v.Pages, want)

@@ -215,6 +215,41 @@ func locate(ctx context.Context, c *qmp.Client, pid int, useHVA bool) (*Layout, 
 	return l, nil
 }
 
+// RefreshGuestPhysical reads the guest-physical view of the blocks (Block.GPA, what pmemsave
+// reads) again. It changes while the guest runs and when a destination loads: the chipset's
+// state (the PAM registers that shadow the BIOS area, the option ROM window) arrives with the
+// stream, so a destination's view located before loading is a fresh boot's, not the guest's.
+// The host addresses and files found by Locate stay.
+func (l *Layout) RefreshGuestPhysical(ctx context.Context, c *qmp.Client) error {
+	out, err := c.HMP(ctx, "info mtree -f")
+	if err != nil {
+		return fmt.Errorf("guestram: %w", err)
+	}
+	flat, err := parseFlatView(out, "memory")
+	if err != nil {
+		return fmt.Errorf("guestram: info mtree -f: %w", err)
+	}
+	var vmas []vma
+	if l.ProcessDenied == "" {
+		if vmas, err = readSmapsFn(l.PID); err != nil {
+			return err
+		}
+	}
+	keep := make([]Block, len(l.Blocks))
+	copy(keep, l.Blocks)
+	for i := range l.Blocks {
+		l.Blocks[i].GPA = nil
+	}
+	l.flat = flat
+	if err := l.mapGuestPhysical(ctx, c, vmas); err != nil {
+		return err
+	}
+	for i := range l.Blocks { // mapGuestPhysical fills HVA only where Locate had none
+		l.Blocks[i].HVA, l.Blocks[i].Located = keep[i].HVA, keep[i].Located
+	}
+	return nil
+}
+
 // ramblockRE matches one line of info ramblock: 7.2 prints name, page size, offset, used, total;
 // 10.0 adds the host address and ro/rw (system/physmem.c ram_block_format).
 var ramblockRE = regexp.MustCompile(`^\s*(.+?)\s+([0-9.]+)\s+([KMGTPE]i)?B\s+0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)(?:\s+0x([0-9a-fA-F]+)\s+(ro|rw))?\s*$`)

@@ -216,9 +216,12 @@ func AppendJSON(dst []byte, v any) ([]byte, error) {
 // FeatureVerify is the HELLO/WELCOME feature of --verify (PROTOCOL.md §5.1).
 const FeatureVerify = "verify"
 
-// Verify is VERIFY's JSON: the seed of this check's hashes (drawn by the sender).
+// Verify is VERIFY's JSON: the seed of this check's hashes (drawn by the sender) and how to read.
 type Verify struct {
 	Seed uint64 `json:"seed,string"`
+	// Methods is the sender's --verify-method order, which the receiver follows too (names it
+	// does not know are ignored); empty: the receiver's default.
+	Methods []string `json:"methods,omitempty"`
 }
 
 // Verdict is VERDICT's JSON: the sender's comparison of the two hash lists.

@@ -202,6 +202,10 @@ func (m *migration) verifyRAM(sum *Summary, dst verifyPeer) error {
 	if d, _ := time.ParseDuration(os.Getenv(verifyDelayEnv)); d > 0 {
 		time.Sleep(d) // test-only: a moment in which a test changes the destination's RAM
 	}
+	if err := refreshForPMemSave(wctx, v.src, v.methods); err != nil {
+		return &MigrateError{Class: ErrSource, Phase: savevm.PhaseDone, SourceState: m.sourceStateNow(),
+			Err: fmt.Errorf("--verify: the source's guest-physical map: %w. Nothing was resumed: the destination stays paused with the complete stream, unverified", err)}
+	}
 	ex, notes := m.kvmExclusions(v.src.layout)
 	for _, n := range notes {
 		if m.o.Warn != nil {
@@ -277,7 +281,21 @@ type verifyPeer interface {
 type localPeer struct{ verifySide }
 
 func (p localPeer) hash(ctx context.Context, opt guestram.Options) (*guestram.List, error) {
+	if err := refreshForPMemSave(ctx, p.verifySide, opt.Methods); err != nil {
+		return nil, err
+	}
 	return guestram.Hash(ctx, p.c, p.layout, opt)
+}
+
+// refreshForPMemSave reads a side's guest-physical map again when some block will be read by
+// pmemsave: located before the stream, a destination's map is a fresh boot's (the chipset's
+// shadow RAM settings come with the stream). A block that only falls back to pmemsave after
+// another method failed reads the map as located.
+func refreshForPMemSave(ctx context.Context, s verifySide, order []guestram.Method) error {
+	if !strings.Contains(plannedMethods(s.layout, order), string(guestram.MethodPMemSave)) {
+		return nil
+	}
+	return s.layout.RefreshGuestPhysical(ctx, s.c)
 }
 
 func (p localPeer) verdict(ctx context.Context, vs *savevm.VerifySummary, _ string) error {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/qemu-migrate-go/qemu-migrate-go/guestram"
@@ -54,7 +55,11 @@ type linkPeer struct{ m *migration }
 
 func (p linkPeer) hash(ctx context.Context, opt guestram.Options) (*guestram.List, error) {
 	s := p.m.session
-	j, _ := json.Marshal(link.Verify{Seed: opt.Seed})
+	vm := link.Verify{Seed: opt.Seed}
+	for _, meth := range opt.Methods {
+		vm.Methods = append(vm.Methods, string(meth))
+	}
+	j, _ := json.Marshal(vm)
 	if err := s.SendControl(link.FrameVerify, j); err != nil {
 		return nil, err
 	}
@@ -181,7 +186,17 @@ func (r *receiving) serveVerify(ctx context.Context, sum *Summary) error {
 	}
 	r.note("verify", "both guests are paused: hashing the destination's RAM for the sender")
 	start := time.Now()
-	l, err := guestram.Hash(ctx, r.dst, r.verify.layout, guestram.Options{Seed: v.Seed})
+	var methods []guestram.Method
+	for _, name := range v.Methods {
+		if meth := guestram.Method(name); slices.Contains(guestram.DefaultMethods, meth) {
+			methods = append(methods, meth)
+		}
+	}
+	var l *guestram.List
+	err = refreshForPMemSave(ctx, *r.verify, methods)
+	if err == nil {
+		l, err = guestram.Hash(ctx, r.dst, r.verify.layout, guestram.Options{Seed: v.Seed, Methods: methods})
+	}
 	var b []byte
 	if err == nil {
 		b, err = l.MarshalBinary()
