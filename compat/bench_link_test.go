@@ -89,18 +89,47 @@ func fillLinkGuest(memMiB int) benchLinkGuest {
 		}}
 }
 
-// ===================== LINUX GUEST HOOK =====================
-// linkBenchLinuxGuest adds the guest whose RAM holds real files (a Linux guest with a few hundred
-// MiB of files in its initramfs, compat.LinuxGuest…, built by another engineer) to the table.
-// Until it is wired in, it returns false and the table has the fill rows only. Wiring it is
-// filling in the benchLinkGuest, along these lines (names as that work ends up with):
-//
-//	return benchLinkGuest{name: "linux", memMiB: 1024,
-//		config: func(t testing.TB, cfg VMConfig) VMConfig { return LinuxGuest(t, LinuxOptions{…}).VMConfig(t, cfg) },
-//		ready:  func(ctx context.Context, vm *VM) error { _, err := LinuxWaitReady(ctx, vm); return err },
-//		verify: func(ctx context.Context, t testing.TB, dst *VM) error { _, err := LinuxVerifyFiles(ctx, dst); return err },
-//	}, true
-var linkBenchLinuxGuest = func(t testing.TB, memMiB int) (benchLinkGuest, bool) { return benchLinkGuest{}, false }
+// linkBenchLinuxGuest is the guest whose RAM holds real files: the Linux test guest with
+// LinuxDefaultFilesMiB (400 MiB) of installed packages' files in its initramfs, unpacked into
+// its page cache, idle once ready. After the migration its destination must hold every distinct
+// file page (FilePages). QMG_BENCH_LINUX=0 leaves it out.
+var linkBenchLinuxGuest = func(t testing.TB, memMiB int) (benchLinkGuest, bool) {
+	if os.Getenv("QMG_BENCH_LINUX") == "0" {
+		return benchLinkGuest{}, false
+	}
+	img := LinuxGuest(t, LinuxOptions{MemMiB: max(memMiB, 1024), FilesMiB: LinuxDefaultFilesMiB})
+	return benchLinkGuest{name: "linux-files", memMiB: img.Options.MemMiB,
+		config: func(t testing.TB, cfg VMConfig) VMConfig { return img.VMConfig(t, cfg) },
+		ready: func(ctx context.Context, vm *VM) error {
+			_, err := LinuxWaitReady(ctx, vm)
+			return err
+		},
+		verify: func(ctx context.Context, t testing.TB, dst *VM) error {
+			path := filepath.Join(t.TempDir(), "dst.ram")
+			size, err := dst.DumpRAM(ctx, path)
+			if err != nil {
+				return err
+			}
+			defer os.Remove(path)
+			f, err := os.Open(path)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			fp, err := img.FilePages()
+			if err != nil {
+				return err
+			}
+			found, err := fp.Find(f, size)
+			if err != nil {
+				return err
+			}
+			if found != fp.Len() {
+				return fmt.Errorf("the destination's RAM holds %d of the files' %d distinct pages", found, fp.Len())
+			}
+			return nil
+		}}, true
+}
 
 // ============================================================
 

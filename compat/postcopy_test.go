@@ -187,6 +187,71 @@ func TestPostcopyRecover(t *testing.T) {
 	}
 }
 
+// TestPostcopyRecoverSilentLink: the link to the destination goes silent during postcopy
+// (everything dropped, no RST reaches the destination) and the sidecar's own connection is
+// destroyed: the destination QEMU never notices by itself (it would wait for TCP's
+// retransmission timeout, many minutes), so the sidecar pauses it (migrate-pause), and once the
+// link is back it recovers; the guest runs on intact.
+func TestPostcopyRecoverSilentLink(t *testing.T) {
+	sidecarBinary(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	q := requireQEMU(t, "10.0")
+	np := NewNetPair(t, NetOptions{})
+	uri := np.DstTCP(np.NextPort())
+	dst := StartVM(t, VMConfig{Name: "dst", QEMU: q, Disk: GuestDirty(), Incoming: uri, Netns: np.Dst.Name})
+	src := StartVM(t, VMConfig{Name: "src", QEMU: q, Disk: GuestDirty()})
+	if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu     sync.Mutex
+		paused bool
+		healed time.Time
+	)
+	cutter := atPhase(savevm.PhasePostcopy, func(*sidecarProc) {
+		go func() {
+			time.Sleep(300 * time.Millisecond)
+			if err := np.Stall(); err != nil {
+				t.Error(err)
+			}
+			if _, err := np.Src.killTCP(ctx, true); err != nil { // the RST is dropped on the way
+				t.Error(err)
+			}
+			time.Sleep(3 * time.Second)
+			mu.Lock()
+			healed = time.Now()
+			mu.Unlock()
+			if err := np.Heal(); err != nil {
+				t.Error(err)
+			}
+		}()
+	})
+	proc := startSidecarIn(t, np.Src.Name, func(p *sidecarProc, e savevm.Event) {
+		cutter(p, e)
+		if e.Type == "recovery" && strings.Contains(e.Message, "migrate-pause") {
+			mu.Lock()
+			paused = true
+			mu.Unlock()
+		}
+	}, postcopyArgs(src, dst, uri, "--postcopy-bandwidth", "8000000")...)
+	code, wall, stderr := proc.wait(t, 3*time.Minute)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	sum := summaryOf(proc)
+	if sum == nil || sum.Postcopy == nil || sum.Postcopy.Recoveries < 1 {
+		t.Fatalf("no recovery in the summary: %+v", sum)
+	}
+	mu.Lock()
+	if !paused {
+		t.Errorf("the sidecar did not pause the destination that missed the break")
+	}
+	t.Logf("recovered %d time(s), finished %v after the heal; %v total", sum.Postcopy.Recoveries, time.Since(healed).Round(time.Millisecond), wall.Round(time.Millisecond))
+	mu.Unlock()
+	checkRunningGuest(t, ctx, dst)
+}
+
 // TestPostcopyDestinationKilled: the destination QEMU dies during postcopy. The guest's newest
 // state died with it; the sidecar must say so within seconds, with the state of each side, and
 // never resume the source.

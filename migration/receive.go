@@ -124,6 +124,11 @@ func (r *receiving) close() {
 	}
 }
 
+// receiveWindow is the receiver's reorder window (link.Config.Window): with batches of at
+// most 1 MiB of page data, it holds a few early frames from each connection while the one due
+// is on its way, which is all that 4 connections need to stay busy (compat TestBenchLink).
+const receiveWindow = 4 << 20
+
 // refusal is an error the receiver answers HELLO with: this destination cannot take the
 // migration.
 type refusal struct{ error }
@@ -141,7 +146,7 @@ func (r *receiving) config() (link.Config, error) {
 	default:
 		return link.Config{}, fmt.Errorf("receive --to %s: want unix:PATH, tcp:127.0.0.1:PORT or file:PATH", r.o.To)
 	}
-	cfg := link.Config{Timeout: r.o.Timeout, HandshakeTimeout: r.o.ConnectTimeout}
+	cfg := link.Config{Timeout: r.o.Timeout, HandshakeTimeout: r.o.ConnectTimeout, Window: receiveWindow}
 	if r.o.NoTLS {
 		if r.o.TLS != (link.TLSFiles{}) {
 			return cfg, errors.New("--no-tls with --tls-* flags: choose one")

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"runtime/debug"
 	"strings"
 	"time"
 
@@ -33,8 +34,17 @@ func receiveCommand() *cli.Command {
 	}
 }
 
+// receiveMemoryLimit is the receiver's soft heap limit (GOMEMLIMIT overrides it). It holds no
+// per-page state — its heap is the reorder window, the connections' frame buffers and the
+// decoders, about 20 MiB — so the limit only keeps the garbage collector from letting freed
+// buffers double that (issue 10's bound: 32 MiB + 5 MiB per GiB of guest RAM).
+const receiveMemoryLimit = 24 << 20
+
 func runReceive(c *cli.Context) error {
 	eventSide = "receiver"
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(receiveMemoryLimit)
+	}
 	listen, ok := strings.CutPrefix(c.String("listen"), "tcp:")
 	if !ok {
 		return &exitError{exitUsage, fmt.Errorf("--listen tcp:HOST:PORT is required")}

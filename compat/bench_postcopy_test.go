@@ -1,0 +1,268 @@
+package compat
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
+)
+
+// TestBenchPostcopy (issue 11): a guest that does not converge in precopy — the dirty guest
+// rewrites ~99 MiB over and over, the source capped at 20 MB/s — moved by QEMU's own postcopy
+// (migrate-start-postcopy after the first pass) and by the sidecar's (--postcopy-after 1), the
+// destination running (it asks for the pages its guest touches), interleaved for
+// QMG_BENCH_RUNS rounds (default 3). First a watch that QEMU's own precopy indeed does not
+// finish within QMG_BENCH_WATCH (default 60 s); last the recovery timing: the link to the
+// destination stalled and its connections reset during postcopy, healed 3 s later.
+//
+//	QMG_BENCH=1 go test -count=1 -run TestBenchPostcopy -v ./compat/
+func TestBenchPostcopy(t *testing.T) {
+	if os.Getenv("QMG_BENCH") == "" {
+		t.Skip("set QMG_BENCH=1 (make bench) to run the postcopy benchmark")
+	}
+	sidecarBinary(t)
+	runs := 3
+	if v := os.Getenv("QMG_BENCH_RUNS"); v != "" {
+		fmt.Sscan(v, &runs)
+	}
+	watch := 60 * time.Second
+	if v := os.Getenv("QMG_BENCH_WATCH"); v != "" {
+		watch, _ = time.ParseDuration(v)
+	}
+	const bw = 20_000_000
+	q := requireQEMU(t, "10.0")
+	var report []string
+
+	t.Run("precopy-watch", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), watch+time.Minute)
+		defer cancel()
+		src, _, uri := postcopyPair(t, ctx, q, q)
+		if err := (Tuning{MaxBandwidth: bw}).Apply(ctx, src, true); err != nil {
+			t.Fatal(err)
+		}
+		if err := src.QMP.Migrate(ctx, uri); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(watch)
+		mi, err := src.QMP.QueryMigrate(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		line := fmt.Sprintf("QEMU's own precopy after %v: %s", watch, mi.Status)
+		if mi.RAM != nil {
+			line += fmt.Sprintf(", pass %d, %d MB still dirty, %d MB sent", mi.RAM.DirtySyncCount, mi.RAM.Remaining/1e6, mi.RAM.Transferred/1e6)
+		}
+		src.QMP.MigrateCancel(ctx)
+		report = append(report, line)
+		if mi.Status == "completed" {
+			t.Errorf("%s: the guest converged, the benchmark's premise does not hold", line)
+		}
+	})
+
+	res := map[string][]pcRun{}
+	for round := 0; round < runs; round++ {
+		for i := range 2 {
+			mode := []string{"qemu", "sidecar"}[(i+round)%2] // a different one first each round
+			t.Run(fmt.Sprintf("%s/%d", mode, round), func(t *testing.T) {
+				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+				defer cancel()
+				src, dst, uri := postcopyPair(t, ctx, q, q)
+				if err := dst.QMP.SetCapabilities(ctx, map[string]bool{"postcopy-blocktime": true}); err != nil {
+					t.Fatal(err)
+				}
+				var r pcRun
+				if mode == "qemu" {
+					r = qemuPostcopy(t, ctx, src, dst, uri, bw)
+				} else {
+					proc := startSidecar(t, nil, postcopyArgs(src, dst, uri)...)
+					code, _, stderr := proc.wait(t, 3*time.Minute)
+					if code != 0 {
+						t.Fatalf("exit %d: %s", code, stderr)
+					}
+					sum := summaryOf(proc)
+					if sum == nil || sum.Postcopy == nil || !sum.Postcopy.Started {
+						t.Fatalf("no postcopy: %+v", sum)
+					}
+					r = pcRun{total: time.Duration(sum.TotalTimeMs) * time.Millisecond, postcopy: time.Duration(sum.Postcopy.PostcopyMs) * time.Millisecond,
+						bytes: sum.BytesOut, requests: sum.Postcopy.Requests, inFlight: sum.Postcopy.InFlight, p50: sum.Postcopy.LatencyP50Us, p99: sum.Postcopy.LatencyP99Us}
+				}
+				r.blocktime = destinationBlocktime(t, ctx, dst)
+				checkRunningGuest(t, ctx, dst)
+				res[mode] = append(res[mode], r)
+			})
+		}
+	}
+	med := func(rs []pcRun, f func(pcRun) int64) int64 {
+		v := sorted(rs, func(r pcRun) int64 { return f(r) })
+		if len(v) == 0 {
+			return 0
+		}
+		return v[len(v)/2]
+	}
+	q0 := res["qemu"]
+	for _, mode := range []string{"qemu", "sidecar"} {
+		rs := res[mode]
+		tot := med(rs, func(r pcRun) int64 { return r.total.Milliseconds() })
+		row := fmt.Sprintf("%-8s | %6d (%.2f) | %6d | %5.1f | %6d (%.2f)", mode, tot, float64(tot)/float64(max(1, med(q0, func(r pcRun) int64 { return r.total.Milliseconds() }))),
+			med(rs, func(r pcRun) int64 { return r.postcopy.Milliseconds() }), float64(med(rs, func(r pcRun) int64 { return r.bytes }))/1e6,
+			med(rs, func(r pcRun) int64 { return r.blocktime }), float64(med(rs, func(r pcRun) int64 { return r.blocktime }))/float64(max(1, med(q0, func(r pcRun) int64 { return r.blocktime }))))
+		if mode == "sidecar" {
+			row += fmt.Sprintf(" | %d (%d in flight) | %d / %d", med(rs, func(r pcRun) int64 { return r.requests }), med(rs, func(r pcRun) int64 { return r.inFlight }),
+				med(rs, func(r pcRun) int64 { return r.p50 }), med(rs, func(r pcRun) int64 { return r.p99 }))
+		}
+		report = append(report, row)
+	}
+
+	var recov []time.Duration
+	for round := 0; round < runs; round++ {
+		t.Run(fmt.Sprintf("recover/%d", round), func(t *testing.T) {
+			d, ok := recoveryAfterHeal(t, q, 3*time.Second)
+			if ok {
+				recov = append(recov, d)
+			}
+		})
+	}
+	rv := sorted(recov, func(d time.Duration) time.Duration { return d })
+	var rs []string
+	for _, d := range rv {
+		rs = append(rs, d.Round(time.Millisecond).String())
+	}
+	t.Logf("\npostcopy, QEMU 10.0 → 10.0, dirty guest (128 MiB, ~99 MiB rewritten continuously), source capped at 20 MB/s, destination running; medians of %d interleaved rounds\n%s\n"+
+		"mode     | total ms (ratio) | in postcopy ms | MB sent | dst blocktime ms (ratio) | requests | sidecar latency p50 / p99 µs\n%s\n"+
+		"recovery: link stalled and its connections reset during postcopy, healed 3 s later; from the heal until both sides were connected again: %s",
+		runs, report[0], strings.Join(report[1:], "\n"), strings.Join(rs, ", "))
+}
+
+// pcRun is one postcopy migration's figures.
+type pcRun struct {
+	total, postcopy time.Duration
+	bytes           int64
+	blocktime       int64 // ms, the destination's postcopy-blocktime (vCPU time blocked on missing pages)
+	requests        int64
+	inFlight        int64 // requests for pages already on their way (no latency sample)
+	p50, p99        int64 // µs, the sidecar's request → page latency
+}
+
+// qemuPostcopy is QEMU's own postcopy: the source capped at bw, migrate-start-postcopy once the
+// first pass is done (dirty-sync-count 2), then until completion.
+func qemuPostcopy(t *testing.T, ctx context.Context, src, dst *VM, uri string, bw int64) (r pcRun) {
+	t.Helper()
+	tu := Tuning{MaxBandwidth: bw, Capabilities: map[string]bool{"postcopy-ram": true}}
+	if err := tu.Apply(ctx, dst, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := tu.Apply(ctx, src, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.QMP.Migrate(ctx, uri); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		mi, err := src.QMP.QueryMigrate(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if mi.RAM != nil && mi.RAM.DirtySyncCount >= 2 {
+			break
+		}
+		if mi.Finished() {
+			t.Fatalf("migration %s before the switch", mi.Status)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	switched := time.Now()
+	if err := src.QMP.MigrateStartPostcopy(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mi, err := src.QMP.WaitMigration(ctx, 10*time.Millisecond)
+	if err != nil || mi.Status != "completed" {
+		t.Fatalf("QEMU's postcopy: %s %v", mi.Status, err)
+	}
+	r.postcopy = time.Since(switched)
+	r.total = time.Duration(mi.TotalTime) * time.Millisecond
+	if mi.RAM != nil {
+		r.bytes = mi.RAM.Transferred
+	}
+	return r
+}
+
+// destinationBlocktime is the destination's postcopy-blocktime (ms), -1 when it reports none.
+func destinationBlocktime(t *testing.T, ctx context.Context, dst *VM) int64 {
+	var out struct {
+		Blocktime *int64 `json:"postcopy-blocktime"`
+	}
+	if err := dst.QMP.Execute(ctx, "query-migrate", nil, &out); err != nil {
+		t.Fatal(err)
+	}
+	if out.Blocktime == nil {
+		return -1
+	}
+	return *out.Blocktime
+}
+
+// recoveryAfterHeal runs the sidecar's postcopy across a NetPair (the sidecar on the source
+// host, the destination QEMU on the other), stalls the link and resets its connections during
+// postcopy, heals it after down, and returns how long after the heal both sides were connected
+// again.
+func recoveryAfterHeal(t *testing.T, q QEMU, down time.Duration) (time.Duration, bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	np := NewNetPair(t, NetOptions{})
+	uri := np.DstTCP(np.NextPort())
+	dst := StartVM(t, VMConfig{Name: "dst", QEMU: q, Disk: GuestDirty(), Incoming: uri, Netns: np.Dst.Name})
+	src := StartVM(t, VMConfig{Name: "src", QEMU: q, Disk: GuestDirty()})
+	if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu             sync.Mutex
+		healed, joined time.Time
+		once           sync.Once
+	)
+	proc := startSidecarIn(t, np.Src.Name, func(p *sidecarProc, e savevm.Event) {
+		if e.Type == "phase" && e.Phase == savevm.PhasePostcopy {
+			once.Do(func() {
+				go func() {
+					time.Sleep(300 * time.Millisecond)
+					if err := np.Stall(); err != nil {
+						t.Error(err)
+					}
+					if _, err := np.Reset(); err != nil {
+						t.Error(err)
+					}
+					time.Sleep(down)
+					mu.Lock()
+					healed = time.Now()
+					mu.Unlock()
+					if err := np.Heal(); err != nil {
+						t.Error(err)
+					}
+				}()
+			})
+		}
+		if e.Type == "recovery" && strings.Contains(e.Message, "connected again") {
+			mu.Lock()
+			if joined.IsZero() {
+				joined = time.Now()
+			}
+			mu.Unlock()
+		}
+	}, postcopyArgs(src, dst, uri, "--postcopy-bandwidth", "8000000")...)
+	code, _, stderr := proc.wait(t, 3*time.Minute)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	checkRunningGuest(t, ctx, dst)
+	mu.Lock()
+	defer mu.Unlock()
+	if healed.IsZero() || joined.IsZero() || joined.Before(healed) {
+		t.Errorf("no recovery after the heal (healed %v, connected again %v)", healed, joined)
+		return 0, false
+	}
+	return joined.Sub(healed), true
+}
