@@ -77,8 +77,27 @@ func benchMigrate(t *testing.T, mode string, q QEMU, g guestCase) benchRun {
 		if err := src.QMP.Migrate(ctx, target); err != nil {
 			t.Fatal(err)
 		}
-	case "sidecar":
-		cmd := exec.CommandContext(ctx, sidecarBinary(t), "--qmp", src.SidecarQMP, "--to", uri, "-q")
+	case "multifd-direct":
+		if err := multifdTuning.Apply(ctx, dst, false); err != nil {
+			t.Fatal(err)
+		}
+		if err := dst.QMP.SetParameters(ctx, map[string]any{"multifd-channels": 4}); err != nil {
+			t.Fatal(err)
+		}
+		if err := multifdTuning.Apply(ctx, src, true); err != nil {
+			t.Fatal(err)
+		}
+		start = time.Now()
+		if err := src.QMP.Migrate(ctx, uri); err != nil {
+			t.Fatal(err)
+		}
+	case "sidecar", "multifd-sidecar":
+		args := []string{"--qmp", src.SidecarQMP, "--to", uri, "-q"}
+		if mode == "multifd-sidecar" {
+			// The source's 4 channels forwarded as 4 channels to a multifd destination.
+			args = append(args, "--multifd", "4", "--dst-qmp", dst.SidecarQMP)
+		}
+		cmd := exec.CommandContext(ctx, sidecarBinary(t), args...)
 		cmd.Stderr = os.Stderr
 		start = time.Now()
 		if err := cmd.Run(); err != nil {
@@ -90,6 +109,9 @@ func benchMigrate(t *testing.T, mode string, q QEMU, g guestCase) benchRun {
 	}
 	return finishBenchRun(t, ctx, src.QMP, dst, start, run)
 }
+
+// multifdTuning is QEMU's own multifd with 4 channels (what libvirt's --parallel sets).
+var multifdTuning = Tuning{Capabilities: map[string]bool{"multifd": true}, Parameters: map[string]any{"multifd-channels": 4}}
 
 // finishBenchRun waits until the destination runs (the end of total, counted from start) and
 // takes the source QEMU's downtime figure.
@@ -121,7 +143,7 @@ func TestBenchRelay(t *testing.T) {
 	if os.Getenv("QMG_BENCH_RUNS") != "" {
 		fmt.Sscan(os.Getenv("QMG_BENCH_RUNS"), &runs)
 	}
-	var rows []string
+	var rows, mrows []string
 	for _, series := range Versions {
 		q := requireQEMU(t, series)
 		for _, g := range guestCases(mem, mem) {
@@ -133,6 +155,19 @@ func TestBenchRelay(t *testing.T) {
 					})
 				}
 			}
+			if os.Getenv("QMG_BENCH_MULTIFD") != "0" {
+				for i := 0; i < runs; i++ {
+					for _, mode := range []string{"multifd-direct", "multifd-sidecar"} {
+						t.Run(fmt.Sprintf("%s/%s/%s/%d", series, g.name, mode, i), func(t *testing.T) {
+							res[mode] = append(res[mode], benchMigrate(t, mode, q, g))
+						})
+					}
+				}
+				md, ms := median(res["multifd-direct"]), median(res["multifd-sidecar"])
+				mrows = append(mrows, fmt.Sprintf("%-5s %-5s %4dMiB | %8v %6v | %8v %6v %7v %6dMiB | %5.2f×  %+v",
+					series, g.name, mem, md.total, md.downtime, ms.total, ms.downtime, ms.cpu, ms.rssKiB>>10,
+					ms.total.Seconds()/md.total.Seconds(), ms.downtime-md.downtime))
+			}
 			d, p, s := median(res["direct"]), median(res["proxy"]), median(res["sidecar"])
 			rows = append(rows, fmt.Sprintf("%-5s %-5s %4dMiB | %8v %6v | %8v %6v | %8v %6v %7v %6dMiB | %5.2f× %5.2f×  %+v",
 				series, g.name, mem, d.total, d.downtime, p.total, p.downtime, s.total, s.downtime, s.cpu, s.rssKiB>>10,
@@ -142,6 +177,10 @@ func TestBenchRelay(t *testing.T) {
 	t.Logf("\nmedians of %d runs (total = migrate start → destination running; downtime = source QEMU's)\n"+
 		"qemu  guest  size   | direct total/down | proxy total/down  | sidecar total/down/cpu/rss      | vs direct, vs proxy, downtime Δ\n%s",
 		runs, strings.Join(rows, "\n"))
+	if len(mrows) > 0 {
+		t.Logf("\nmultifd, 4 channels, medians of %d runs: QEMU multifd direct against the source's channels through the sidecar to a multifd destination\n"+
+			"qemu  guest  size   | direct total/down | sidecar total/down/cpu/rss      | vs direct, downtime Δ\n%s", runs, strings.Join(mrows, "\n"))
+	}
 }
 
 func median(rs []benchRun) benchRun {

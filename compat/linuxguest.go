@@ -556,7 +556,10 @@ func LinuxLines(vm *VM) []linuxguest.Line { return linuxguest.ParseLines(vm.Seri
 // linuxFailure returns the first sign in serial output that the guest failed: an ERROR line,
 // or a kernel panic or oops.
 func linuxFailure(out string) string {
-	for _, l := range linuxguest.ParseLines(out) {
+	// Only whole lines: the console may be read while init is still writing its ERROR line,
+	// and a cut-off message would hide the cause.
+	whole := out[:strings.LastIndexByte(out, '\n')+1]
+	for _, l := range linuxguest.ParseLines(whole) {
 		if l.Kind == linuxguest.KindError {
 			return l.Text
 		}

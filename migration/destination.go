@@ -120,7 +120,7 @@ func destinationSays(dst *qmp.Client) string {
 		case err != nil:
 			return ""
 		case m.Status == "failed":
-			return "the destination QEMU says: " + orUnknown(m.ErrorDesc)
+			return "the destination QEMU failed to load it: " + orUnknown(m.ErrorDesc)
 		}
 		select {
 		case <-ctx.Done():
