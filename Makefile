@@ -36,10 +36,12 @@ test: setup fmt-check vet
 demo: setup build
 	$(GO) run ./compat/cmd/demo -bin $(BIN)
 
-## bench: the benchmark tables (stream codec; direct QEMU migration baseline, 5 runs each)
+## bench: the benchmark tables (stream codec; QEMU by itself; relay and relay cost; the link; postcopy;
+## --verify; libvirt; the Linux guest). QMG_BENCH_RUNS, QMG_BENCH_MEM and each test's own variables
+## choose a part; one test alone: QMG_BENCH=1 go test -count=1 -run '^TestBenchLink$$' -v ./compat/
 bench: setup
 	$(GO) test -run x -bench . -benchmem -cpu 1 ./stream/
-	QMG_BENCH=1 $(GO) test -count=1 -timeout 60m -run Bench -v ./compat/
+	QMG_BENCH=1 $(GO) test -count=1 -timeout 180m -run Bench -v ./compat/
 
 ## testdata: re-capture the streams in testdata/streams from real QEMU
 testdata: setup

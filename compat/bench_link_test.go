@@ -73,20 +73,27 @@ func fillLinkGuest(memMiB int) benchLinkGuest {
 		// The destination may run while it is dumped: CheckFill ignores the one word of each
 		// page the guest keeps incrementing and checks every other byte of the fill.
 		verify: func(ctx context.Context, t testing.TB, dst *VM) error {
-			path := filepath.Join(t.TempDir(), "dst.ram")
-			size, err := dst.DumpRAM(ctx, path)
-			if err != nil {
+			return withRAMDump(ctx, t, dst, func(f *os.File, size int64) error {
+				_, err := CheckFill(f, size, opt)
 				return err
-			}
-			defer os.Remove(path)
-			f, err := os.Open(path)
-			if err != nil {
-				return err
-			}
-			defer f.Close()
-			_, err = CheckFill(f, size, opt)
-			return err
+			})
 		}}
+}
+
+// withRAMDump dumps vm's RAM into a temporary file and hands it to check.
+func withRAMDump(ctx context.Context, t testing.TB, vm *VM, check func(f *os.File, size int64) error) error {
+	path := filepath.Join(t.TempDir(), "ram")
+	size, err := vm.DumpRAM(ctx, path)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(path)
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return check(f, size)
 }
 
 // linkBenchLinuxGuest is the guest whose RAM holds real files: the Linux test guest with
@@ -105,29 +112,17 @@ var linkBenchLinuxGuest = func(t testing.TB, memMiB int) (benchLinkGuest, bool) 
 			return err
 		},
 		verify: func(ctx context.Context, t testing.TB, dst *VM) error {
-			path := filepath.Join(t.TempDir(), "dst.ram")
-			size, err := dst.DumpRAM(ctx, path)
-			if err != nil {
-				return err
-			}
-			defer os.Remove(path)
-			f, err := os.Open(path)
-			if err != nil {
-				return err
-			}
-			defer f.Close()
 			fp, err := img.FilePages()
 			if err != nil {
 				return err
 			}
-			found, err := fp.Find(f, size)
-			if err != nil {
+			return withRAMDump(ctx, t, dst, func(f *os.File, size int64) error {
+				found, err := fp.Find(f, size)
+				if err == nil && found != fp.Len() {
+					err = fmt.Errorf("the destination's RAM holds %d of the files' %d distinct pages", found, fp.Len())
+				}
 				return err
-			}
-			if found != fp.Len() {
-				return fmt.Errorf("the destination's RAM holds %d of the files' %d distinct pages", found, fp.Len())
-			}
-			return nil
+			})
 		}}, true
 }
 
@@ -169,7 +164,10 @@ func TestBenchLink(t *testing.T) {
 		linkPairArgs = strings.Fields(os.Getenv("QMG_BENCH_PAIR_ARGS"))
 	}
 	q := requireQEMU(t, "10.0") // multifd+zstd is 10.0's; every mode runs the same QEMU
-	guests := []benchLinkGuest{fillLinkGuest(mem)}
+	var guests []benchLinkGuest
+	if os.Getenv("QMG_BENCH_FILL") != "0" { // QMG_BENCH_FILL=0: only the real-files guest
+		guests = append(guests, fillLinkGuest(mem))
+	}
 	if g, ok := linkBenchLinuxGuest(t, mem); ok {
 		guests = append(guests, g)
 	}

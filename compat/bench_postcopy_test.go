@@ -212,17 +212,12 @@ func destinationBlocktime(t *testing.T, ctx context.Context, dst *VM) int64 {
 func recoveryAfterHeal(t *testing.T, q QEMU, down time.Duration) (time.Duration, bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	np := NewNetPair(t, NetOptions{})
-	uri := np.DstTCP(np.NextPort())
-	dst := StartVM(t, VMConfig{Name: "dst", QEMU: q, Disk: GuestDirty(), Incoming: uri, Netns: np.Dst.Name})
-	src := StartVM(t, VMConfig{Name: "src", QEMU: q, Disk: GuestDirty()})
-	if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
-		t.Fatal(err)
-	}
+	np, src, dst, uri := postcopyNetPair(t, ctx, q)
 	var (
-		mu             sync.Mutex
-		healed, joined time.Time
-		once           sync.Once
+		mu     sync.Mutex
+		healed time.Time
+		once   sync.Once
+		clock  eventClock
 	)
 	proc := startSidecarIn(t, np.Src.Name, func(p *sidecarProc, e savevm.Event) {
 		if e.Type == "phase" && e.Phase == savevm.PhasePostcopy {
@@ -245,19 +240,11 @@ func recoveryAfterHeal(t *testing.T, q QEMU, down time.Duration) (time.Duration,
 				}()
 			})
 		}
-		if e.Type == "recovery" && strings.Contains(e.Message, "connected again") {
-			mu.Lock()
-			if joined.IsZero() {
-				joined = time.Now()
-			}
-			mu.Unlock()
-		}
+		clock.watch(e, "connected again")
 	}, postcopyArgs(src, dst, uri, "--postcopy-bandwidth", "8000000")...)
-	code, _, stderr := proc.wait(t, 3*time.Minute)
-	if code != 0 {
-		t.Fatalf("exit %d: %s", code, stderr)
-	}
+	waitRecovered(t, proc)
 	checkRunningGuest(t, ctx, dst)
+	joined := clock.at("connected again")
 	mu.Lock()
 	defer mu.Unlock()
 	if healed.IsZero() || joined.IsZero() || joined.Before(healed) {

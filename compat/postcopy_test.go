@@ -69,6 +69,19 @@ func postcopyPair(t *testing.T, ctx context.Context, srcQ, dstQ QEMU) (src, dst 
 	return src, dst, uri
 }
 
+// postcopyNetPair is postcopyPair with the destination on the far host of a fresh NetPair
+// (the sidecar then runs on the near one, np.Src).
+func postcopyNetPair(t *testing.T, ctx context.Context, q QEMU) (np *NetPair, src, dst *VM, uri string) {
+	np = NewNetPair(t, NetOptions{})
+	uri = np.DstTCP(np.NextPort())
+	dst = StartVM(t, VMConfig{Name: "dst", QEMU: q, Disk: GuestDirty(), Incoming: uri, Netns: np.Dst.Name})
+	src = StartVM(t, VMConfig{Name: "src", QEMU: q, Disk: GuestDirty()})
+	if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
+		t.Fatal(err)
+	}
+	return np, src, dst, uri
+}
+
 // checkRunningGuest checks the dirty guest on a destination that ran during postcopy: it keeps
 // running, and its memory is consistent (CheckDirty: every page's counter is v or v+1 with one
 // boundary — a page lost or stale in postcopy breaks that).
@@ -146,8 +159,9 @@ func TestPostcopyRecover(t *testing.T) {
 			src, dst, uri := postcopyPair(t, ctx, q, q)
 			port := strings.TrimPrefix(uri, "tcp:127.0.0.1:")
 			var (
-				mu           sync.Mutex
-				cut, resumed time.Time
+				mu    sync.Mutex
+				cut   time.Time
+				clock eventClock
 			)
 			cutter := atPhase(savevm.PhasePostcopy, func(*sidecarProc) {
 				go func() {
@@ -162,25 +176,12 @@ func TestPostcopyRecover(t *testing.T) {
 			})
 			proc := startSidecar(t, func(p *sidecarProc, e savevm.Event) {
 				cutter(p, e)
-				if e.Type == "recovery" && strings.Contains(e.Message, "connected again") {
-					mu.Lock()
-					if resumed.IsZero() {
-						resumed = time.Now()
-					}
-					mu.Unlock()
-				}
+				clock.watch(e, "connected again")
 			}, postcopyArgs(src, dst, uri, "--postcopy-bandwidth", "8000000")...)
-			code, wall, stderr := proc.wait(t, 3*time.Minute)
-			if code != 0 {
-				t.Fatalf("exit %d: %s", code, stderr)
-			}
-			sum := summaryOf(proc)
-			if sum == nil || sum.Postcopy == nil || sum.Postcopy.Recoveries < 1 {
-				t.Fatalf("no recovery in the summary: %+v", sum)
-			}
+			sum, wall := waitRecovered(t, proc)
 			mu.Lock()
 			t.Logf("recovered %d time(s); both sides connected again %v after the cut; %v total", sum.Postcopy.Recoveries,
-				resumed.Sub(cut).Round(time.Millisecond), wall.Round(time.Millisecond))
+				clock.at("connected again").Sub(cut).Round(time.Millisecond), wall.Round(time.Millisecond))
 			mu.Unlock()
 			checkRunningGuest(t, ctx, dst)
 		})
@@ -196,18 +197,11 @@ func TestPostcopyRecoverSilentLink(t *testing.T) {
 	sidecarBinary(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	q := requireQEMU(t, "10.0")
-	np := NewNetPair(t, NetOptions{})
-	uri := np.DstTCP(np.NextPort())
-	dst := StartVM(t, VMConfig{Name: "dst", QEMU: q, Disk: GuestDirty(), Incoming: uri, Netns: np.Dst.Name})
-	src := StartVM(t, VMConfig{Name: "src", QEMU: q, Disk: GuestDirty()})
-	if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
-		t.Fatal(err)
-	}
+	np, src, dst, uri := postcopyNetPair(t, ctx, requireQEMU(t, "10.0"))
 	var (
 		mu     sync.Mutex
-		paused bool
 		healed time.Time
+		clock  eventClock
 	)
 	cutter := atPhase(savevm.PhasePostcopy, func(*sidecarProc) {
 		go func() {
@@ -229,22 +223,11 @@ func TestPostcopyRecoverSilentLink(t *testing.T) {
 	})
 	proc := startSidecarIn(t, np.Src.Name, func(p *sidecarProc, e savevm.Event) {
 		cutter(p, e)
-		if e.Type == "recovery" && strings.Contains(e.Message, "migrate-pause") {
-			mu.Lock()
-			paused = true
-			mu.Unlock()
-		}
+		clock.watch(e, "migrate-pause")
 	}, postcopyArgs(src, dst, uri, "--postcopy-bandwidth", "8000000")...)
-	code, wall, stderr := proc.wait(t, 3*time.Minute)
-	if code != 0 {
-		t.Fatalf("exit %d: %s", code, stderr)
-	}
-	sum := summaryOf(proc)
-	if sum == nil || sum.Postcopy == nil || sum.Postcopy.Recoveries < 1 {
-		t.Fatalf("no recovery in the summary: %+v", sum)
-	}
+	sum, wall := waitRecovered(t, proc)
 	mu.Lock()
-	if !paused {
+	if clock.at("migrate-pause").IsZero() {
 		t.Errorf("the sidecar did not pause the destination that missed the break")
 	}
 	t.Logf("recovered %d time(s), finished %v after the heal; %v total", sum.Postcopy.Recoveries, time.Since(healed).Round(time.Millisecond), wall.Round(time.Millisecond))
@@ -280,6 +263,73 @@ func TestPostcopyDestinationKilled(t *testing.T) {
 	if err != nil || st.Status == "running" {
 		t.Errorf("the source is %q (%v): it must never be resumed after the switch", st.Status, err)
 	}
+}
+
+// eventClock notes when the sidecar first sent a recovery event whose message holds a text.
+type eventClock struct {
+	mu   sync.Mutex
+	seen map[string]time.Time
+}
+
+// watch is called with every event; texts are what to note.
+func (c *eventClock) watch(e savevm.Event, texts ...string) {
+	if e.Type != "recovery" {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, s := range texts {
+		if _, ok := c.seen[s]; !ok && strings.Contains(e.Message, s) {
+			if c.seen == nil {
+				c.seen = map[string]time.Time{}
+			}
+			c.seen[s] = time.Now()
+		}
+	}
+}
+
+// at is when text was first seen (zero: never).
+func (c *eventClock) at(text string) time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.seen[text]
+}
+
+// waitRecovered waits for a postcopy that must recover and finish: exit 0, a recovery counted.
+func waitRecovered(t *testing.T, proc *sidecarProc) (*savevm.Summary, time.Duration) {
+	t.Helper()
+	code, wall, stderr := proc.wait(t, 3*time.Minute)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	sum := summaryOf(proc)
+	if sum == nil || sum.Postcopy == nil || sum.Postcopy.Recoveries < 1 {
+		t.Fatalf("no recovery in the summary: %+v", sum)
+	}
+	return sum, wall
+}
+
+// TestPostcopyRefusesPreempt: a source with postcopy-preempt on (a channel the relay does not
+// serve) is refused before anything is touched, with the fix in the message.
+func TestPostcopyRefusesPreempt(t *testing.T) {
+	sidecarBinary(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	q := requireQEMU(t, "10.0")
+	src, dst, uri := postcopyPair(t, ctx, q, q)
+	if err := src.QMP.SetCapabilities(ctx, map[string]bool{"postcopy-ram": true, "postcopy-preempt": true}); err != nil {
+		t.Fatal(err)
+	}
+	proc := startSidecar(t, nil, postcopyArgs(src, dst, uri)...)
+	code, _, stderr := proc.wait(t, time.Minute)
+	msg := oneLine(t, stderr, "postcopy-preempt", "turn it off")
+	if code != 2 {
+		t.Errorf("exit %d, want 2", code)
+	}
+	if m, err := src.QMP.QueryMigrate(ctx); err != nil || m.Status != "" {
+		t.Errorf("the source was touched: migration %q (%v)", m.Status, err)
+	}
+	t.Logf("refused: %s", msg)
 }
 
 // killConns resets every established TCP connection to 127.0.0.1:port (ss -K).

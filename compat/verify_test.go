@@ -144,29 +144,42 @@ func TestVerifyMismatch(t *testing.T) {
 			if code != 8 {
 				t.Fatalf("exit %d, want 8 (verify): %s", code, stderr)
 			}
-			for _, want := range []string{"block ram0: 1 of", fmt.Sprintf("page %d (offset 0x%x000)", page, page), "not resumed", "`cont` on the source"} {
-				if !strings.Contains(stderr, want) {
-					t.Errorf("the error does not say %q: %s", want, stderr)
-				}
-			}
+			checkMismatchMessage(t, "sidecar", stderr, page)
 			if sum := summaryOf(proc); sum == nil || sum.Verify == nil || sum.Verify.Equal || sum.Verify.Differing != 1 {
 				t.Errorf("summary: %+v", sum)
 			}
-			time.Sleep(500 * time.Millisecond) // a resume, had there been one, would show by now
-			if st, err := dst.QMP.QueryStatus(ctx); err != nil || st.Status != "paused" {
-				t.Errorf("destination is %+v (%v), want paused", st, err)
-			}
-			if _, err := src.WaitStatus(ctx, "postmigrate"); err != nil {
-				t.Fatal(err)
-			}
-			if err := src.QMP.Cont(ctx); err != nil {
-				t.Fatal(err)
-			}
-			if err := src.WaitMoreSerial(ctx, g.progress, 3); err != nil {
-				t.Fatalf("the source does not run on after `cont`: %v", err)
-			}
+			checkNothingResumed(t, ctx, src, dst, g)
 			t.Logf("refused: %s", lastLine(stderr))
 		})
+	}
+}
+
+// checkMismatchMessage checks that a refusal names the changed page and what to do.
+func checkMismatchMessage(t *testing.T, side, msg string, page int64) {
+	t.Helper()
+	for _, want := range []string{"block ram0: 1 of", fmt.Sprintf("page %d (offset 0x%x000)", page, page), "not resumed", "`cont` on the source"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("the %s's error does not say %q: %s", side, want, msg)
+		}
+	}
+}
+
+// checkNothingResumed checks the state a refused check leaves: the destination paused, the
+// source in postmigrate — and resumable, as the message says.
+func checkNothingResumed(t *testing.T, ctx context.Context, src, dst *VM, g guestCase) {
+	t.Helper()
+	time.Sleep(500 * time.Millisecond) // a resume, had there been one, would show by now
+	if st, err := dst.QMP.QueryStatus(ctx); err != nil || st.Status != "paused" {
+		t.Errorf("destination is %+v (%v), want paused", st, err)
+	}
+	if _, err := src.WaitStatus(ctx, "postmigrate"); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.QMP.Cont(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.WaitMoreSerial(ctx, g.progress, 3); err != nil {
+		t.Fatalf("the source does not run on after `cont`: %v", err)
 	}
 }
 
@@ -323,25 +336,9 @@ func TestLinkVerify(t *testing.T) {
 			if c.code != 8 {
 				t.Errorf("%s exit %d, want 8: %s", side, c.code, c.msg)
 			}
-			for _, want := range []string{"block ram0: 1 of", fmt.Sprintf("page %d (offset 0x%x000)", page, page), "not resumed", "`cont` on the source"} {
-				if !strings.Contains(c.msg, want) {
-					t.Errorf("the %s's error does not say %q: %s", side, want, c.msg)
-				}
-			}
+			checkMismatchMessage(t, side, c.msg, page)
 		}
-		time.Sleep(500 * time.Millisecond)
-		if st, err := dst.QMP.QueryStatus(ctx); err != nil || st.Status != "paused" {
-			t.Errorf("destination is %+v (%v), want paused", st, err)
-		}
-		if _, err := src.WaitStatus(ctx, "postmigrate"); err != nil {
-			t.Fatal(err)
-		}
-		if err := src.QMP.Cont(ctx); err != nil {
-			t.Fatal(err)
-		}
-		if err := src.WaitMoreSerial(ctx, g.progress, 3); err != nil {
-			t.Fatalf("the source does not run on after `cont`: %v", err)
-		}
+		checkNothingResumed(t, ctx, src, dst, g)
 		t.Logf("receiver: %s", lastLine(r.recvErr))
 	})
 	t.Run("destination-not-held", func(t *testing.T) {

@@ -33,6 +33,20 @@ func (m *migration) preparePostcopy(ctx context.Context) error {
 	case m.multifd != nil:
 		return usageError{errors.New("--postcopy with a multifd source is not supported: turn multifd off on the source")}
 	}
+	// postcopy-preempt moves requested pages to a channel of their own (stream.PreemptReader
+	// decodes it), which the relay does not serve yet: refuse it before anything is touched.
+	for _, side := range []struct {
+		name string
+		c    *qmp.Client
+	}{{"source", m.src}, {"destination", m.dst}} {
+		caps, err := side.c.QueryCapabilities(ctx)
+		if err != nil {
+			return fmt.Errorf("the %s's capabilities: %w", side.name, err)
+		}
+		if caps["postcopy-preempt"] {
+			return usageError{fmt.Errorf("--postcopy with postcopy-preempt on (the %s) is not supported: the sidecar relays postcopy on one channel; turn it off there (migrate-set-capabilities postcopy-preempt false)", side.name)}
+		}
+	}
 	if err := m.dst.SetCapabilities(ctx, map[string]bool{"postcopy-ram": true}); err != nil {
 		return fmt.Errorf("giving the destination postcopy-ram: %w (start it with -incoming defer if it refuses once listening)", err)
 	}
