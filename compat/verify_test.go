@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -227,6 +228,26 @@ func TestVerifyRefusesRunningDestination(t *testing.T) {
 		t.Errorf("the source's migration was started: %s", mi.Status)
 	}
 	t.Logf("refused: %s", lastLine(stderr))
+}
+
+// TestVerifyInterrupted: SIGINT while the sidecar holds at the check: exit 6, nothing resumed.
+func TestVerifyInterrupted(t *testing.T) {
+	sidecarBinary(t)
+	t.Setenv("QMG_TEST_VERIFY_DELAY", "1500ms")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	q := requireQEMU(t, "10.0")
+	g := guestCases(128, 256)[0]
+	src, dst, uri := verifyPair(t, ctx, q, q, g, false, "")
+	proc := startSidecar(t, atVerifyPaused(func(p *sidecarProc) { p.cmd.Process.Signal(syscall.SIGINT) }), verifyArgs(src, dst, uri)...)
+	code, _, stderr := proc.wait(t, time.Minute)
+	if code != 6 {
+		t.Errorf("exit %d, want 6 (interrupted): %s", code, stderr)
+	}
+	if !strings.Contains(stderr, "interrupted") || !strings.Contains(stderr, "Nothing was resumed") {
+		t.Errorf("the error does not say what happened: %s", stderr)
+	}
+	checkNothingResumed(t, ctx, src, dst, g)
 }
 
 // TestVerifyQEMUDies: the source's or the destination's QEMU (and with it its QMP) is killed

@@ -229,6 +229,11 @@ func (m *migration) verifyRAM(sum *Summary, dst verifyPeer) error {
 	go timed(func() (*guestram.List, error) { return guestram.Hash(ctx, v.src.c, v.src.layout, opt) }, sc)
 	go timed(func() (*guestram.List, error) { return dst.hash(ctx, opt) }, dc)
 	sr, dr := <-sc, <-dc
+	if ctx.Err() != nil && (sr.err != nil || dr.err != nil) {
+		dst.abort(ErrCancelled, "the sending sidecar was interrupted during the check")
+		return &MigrateError{Class: ErrCancelled, Phase: savevm.PhaseDone, SourceState: m.sourceStateNow(),
+			Err: fmt.Errorf("--verify was interrupted (%v). Nothing was resumed: the destination stays paused with the complete stream, unverified, and the source paused in postmigrate", context.Cause(ctx))}
+	}
 	if sr.err != nil {
 		dst.abort(ErrSource, "the sending sidecar could not read the source's RAM: "+sr.err.Error())
 		return &MigrateError{Class: ErrSource, Phase: savevm.PhaseDone, SourceState: m.sourceStateNow(),

@@ -139,8 +139,11 @@ func (p linkPeer) verdict(ctx context.Context, vs *savevm.VerifySummary, what st
 
 func (p linkPeer) abort(class error, msg string) {
 	code := link.CodeSource
-	if class == ErrDestination {
+	switch class {
+	case ErrDestination:
 		code = link.CodeDestination
+	case ErrCancelled:
+		code = link.CodeCancelled
 	}
 	p.m.session.Abort(code, msg)
 }
@@ -200,6 +203,10 @@ func (r *receiving) serveVerify(ctx context.Context, sum *Summary) error {
 	var b []byte
 	if err == nil {
 		b, err = l.MarshalBinary()
+	}
+	if err != nil && ctx.Err() != nil {
+		s.Abort(link.CodeCancelled, "the receiving sidecar was interrupted during the check")
+		return &MigrateError{Class: ErrCancelled, Phase: savevm.PhaseDone, Err: fmt.Errorf("--verify was interrupted (%v). %s", context.Cause(ctx), untouched)}
 	}
 	if err != nil {
 		s.Abort(link.CodeDestination, "the receiving sidecar could not read the destination's RAM: "+err.Error())
