@@ -130,6 +130,10 @@ func NewEncoder() *Encoder {
 
 // AppendPages appends the whole PAGES frame of b, encoded with c, to dst. When c does not make
 // the body smaller the frame is sent with CodecNone; the codec used is returned.
+// PagesOverhead is a PAGES frame's bytes around its encoded body: the frame header, sequence
+// number, block, codec, entry count, raw and encoded lengths (PROTOCOL.md §3).
+const PagesOverhead = HeaderSize + 8 + pagesHeader
+
 func (e *Encoder) AppendPages(dst []byte, seq uint64, b *Batch, c Codec) ([]byte, Codec) {
 	e.body = e.body[:0]
 	for _, v := range b.Entries {

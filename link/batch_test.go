@@ -245,6 +245,9 @@ func TestPagesRoundTrip(t *testing.T) {
 					t.Fatalf("codec byte %d (used %v), encoded length %d of %d", p[10], used, binary.BigEndian.Uint32(p[17:]), len(p)-8-pagesHeader)
 				}
 				bodyLen := 8*len(entries) + len(b.Data)
+				if used == CodecNone && len(frame)-PagesOverhead != bodyLen {
+					t.Fatalf("PagesOverhead %d: a raw frame of %d bytes around a body of %d", PagesOverhead, len(frame), bodyLen)
+				}
 				switch {
 				case c == CodecNone && used != CodecNone:
 					t.Fatalf("none became %v", used)
@@ -658,6 +661,28 @@ func TestChooser(t *testing.T) {
 			if got := c.Pick(busy); got.String() != name {
 				t.Errorf("%s.Pick(%v) = %v", name, busy, got)
 			}
+		}
+	}
+	// The strong codec follows the measured ratios: zstd only where it pays against s2.
+	for _, tc := range []struct {
+		name     string
+		zstd, s2 float64
+		want     Codec
+	}{{"like s2", 0.50, 0.51, CodecS2}, {"much better", 0.42, 0.54, CodecZstd}} {
+		c, _ := NewChooser("auto")
+		picks := map[Codec]int{}
+		for i := 0; i < 160; i++ {
+			got := c.Pick(1)
+			picks[got]++
+			r := map[Codec]float64{CodecZstd: tc.zstd, CodecS2: tc.s2}[got]
+			c.Observe(got, 100000, int(r*100000))
+		}
+		if picks[tc.want] < 140 {
+			t.Errorf("%s: picks %v, want mostly %v", tc.name, picks, tc.want)
+		}
+		other := map[Codec]Codec{CodecS2: CodecZstd, CodecZstd: CodecS2}[tc.want]
+		if picks[other] == 0 {
+			t.Errorf("%s: %v never sampled (%v)", tc.name, other, picks)
 		}
 	}
 	if _, err := NewChooser("gzip"); err == nil || !strings.Contains(err.Error(), "--compress") || !strings.Contains(err.Error(), "auto") {

@@ -196,7 +196,14 @@ func (o *linkOutput) encode() {
 	enc := link.NewEncoder()
 	for sl := range o.work {
 		var c link.Codec
-		sl.buf, c = enc.AppendPages(o.buf(), sl.seq, &sl.batch, o.chooser.Pick(o.s.Busy()))
+		want := o.chooser.Pick(o.s.Busy())
+		sl.buf, c = enc.AppendPages(o.buf(), sl.seq, &sl.batch, want)
+		raw := 8*len(sl.batch.Entries) + len(sl.batch.Data)
+		encoded := raw // the codec gave up: nothing gained
+		if c != link.CodecNone {
+			encoded = len(sl.buf) - link.PagesOverhead
+		}
+		o.chooser.Observe(want, raw, encoded)
 		o.stats.frames[c].Add(1)
 		sl.ready <- struct{}{}
 	}
