@@ -69,7 +69,7 @@ func migrateOverLink(t *testing.T, ctx context.Context, ends linkEnds, pki *Test
 	r.recv = startReceiver(t, ctx, ends, rargs...)
 	r.send = startSidecarIn(t, ends.srcNS, nil, append(sargs, sendArgs...)...)
 	r.sendCode, r.sendWall, r.sendErr = r.send.wait(t, 3*time.Minute)
-	r.recvCode, r.recvWall, r.recvErr = r.recv.wait(t, 30*time.Second)
+	r.recvCode, r.recvWall, r.recvErr = r.recv.wait(t, 3*time.Minute) // from its start: it lives as long as the sender
 	return r
 }
 

@@ -294,7 +294,7 @@ func verifyLinkRun(t *testing.T, ctx context.Context, ends linkEnds, pki *TestPK
 	r.send = startSidecarIn(t, ends.srcNS, on, "--qmp", src.SidecarQMP, "--to", "qmg://"+ends.dial, "--json", "--verify",
 		"--tls-cert", pki.Client.CertFile, "--tls-key", pki.Client.KeyFile, "--tls-ca", pki.CA.CertFile)
 	r.sendCode, r.sendWall, r.sendErr = r.send.wait(t, 2*time.Minute)
-	r.recvCode, r.recvWall, r.recvErr = r.recv.wait(t, 30*time.Second)
+	r.recvCode, r.recvWall, r.recvErr = r.recv.wait(t, 3*time.Minute) // from its start: it lives as long as the sender
 	return r
 }
 
