@@ -119,12 +119,8 @@ func TestBenchRelayCost(t *testing.T) {
 		t.Skip("set QMG_BENCH=1 (make bench) to run the relay cost benchmark")
 	}
 	runs, mem := 5, 1024
-	if v := os.Getenv("QMG_BENCH_RUNS"); v != "" {
-		fmt.Sscan(v, &runs)
-	}
-	if v := os.Getenv("QMG_BENCH_MEM"); v != "" {
-		fmt.Sscan(v, &mem)
-	}
+	runs = benchEnv("QMG_BENCH_RUNS", runs)
+	mem = benchEnv("QMG_BENCH_MEM", mem)
 	profDir := os.Getenv("QMG_PROFILE_DIR")
 	var rows []string
 	for _, series := range Versions {

@@ -71,12 +71,8 @@ func TestBenchLibvirt(t *testing.T) {
 		t.Skip("set QMG_BENCH=1 (make bench) to run the libvirt benchmark")
 	}
 	runs, mem := 5, 1024
-	if v := os.Getenv("QMG_BENCH_RUNS"); v != "" {
-		fmt.Sscan(v, &runs)
-	}
-	if v := os.Getenv("QMG_BENCH_MEM"); v != "" {
-		fmt.Sscan(v, &mem)
-	}
+	runs = benchEnv("QMG_BENCH_RUNS", runs)
+	mem = benchEnv("QMG_BENCH_MEM", mem)
 	q := requireQEMU(t, "7.2")
 	modes := []string{"direct", "sidecar-qmp", "sidecar-libvirt"}
 	res := map[string][]benchRun{}

@@ -146,12 +146,8 @@ func TestBenchLink(t *testing.T) {
 		t.Skip("set QMG_BENCH=1 (make bench) to run the link benchmark")
 	}
 	runs, mem := 5, 1024
-	if s := os.Getenv("QMG_BENCH_RUNS"); s != "" {
-		fmt.Sscan(s, &runs)
-	}
-	if s := os.Getenv("QMG_BENCH_MEM"); s != "" {
-		fmt.Sscan(s, &mem)
-	}
+	runs = benchEnv("QMG_BENCH_RUNS", runs)
+	mem = benchEnv("QMG_BENCH_MEM", mem)
 	modes := linkBenchModes
 	if s := os.Getenv("QMG_BENCH_MODES"); s != "" {
 		modes = strings.Split(s, ",")

@@ -27,9 +27,7 @@ func TestBenchPostcopy(t *testing.T) {
 	}
 	sidecarBinary(t)
 	runs := 3
-	if v := os.Getenv("QMG_BENCH_RUNS"); v != "" {
-		fmt.Sscan(v, &runs)
-	}
+	runs = benchEnv("QMG_BENCH_RUNS", runs)
 	watch := 60 * time.Second
 	if v := os.Getenv("QMG_BENCH_WATCH"); v != "" {
 		watch, _ = time.ParseDuration(v)

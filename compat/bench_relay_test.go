@@ -148,12 +148,8 @@ func TestBenchRelay(t *testing.T) {
 	}
 	runs := 5
 	mem := 1024
-	if os.Getenv("QMG_BENCH_MEM") != "" {
-		fmt.Sscan(os.Getenv("QMG_BENCH_MEM"), &mem)
-	}
-	if os.Getenv("QMG_BENCH_RUNS") != "" {
-		fmt.Sscan(os.Getenv("QMG_BENCH_RUNS"), &runs)
-	}
+	mem = benchEnv("QMG_BENCH_MEM", mem)
+	runs = benchEnv("QMG_BENCH_RUNS", runs)
 	var rows, mrows []string
 	for _, series := range Versions {
 		q := requireQEMU(t, series)

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -64,4 +65,13 @@ func benchRow(name string, rs []Result) string {
 		med(func(r Result) int64 { return r.Transferred })/1e6,
 		med(func(r Result) int64 { return r.DirtySync }),
 		pick(func(r Result) time.Duration { return r.Wall }))
+}
+
+// benchEnv is a benchmark's whole-number setting from the environment (QMG_BENCH_RUNS,
+// QMG_BENCH_MEM), def when it is unset or not a number.
+func benchEnv(name string, def int) int {
+	if n, err := strconv.Atoi(os.Getenv(name)); err == nil {
+		return n
+	}
+	return def
 }

@@ -22,12 +22,8 @@ func TestBenchVerify(t *testing.T) {
 	}
 	sidecarBinary(t)
 	runs, mem := 3, 1024
-	if v := os.Getenv("QMG_BENCH_RUNS"); v != "" {
-		fmt.Sscan(v, &runs)
-	}
-	if v := os.Getenv("QMG_BENCH_MEM"); v != "" {
-		fmt.Sscan(v, &mem)
-	}
+	runs = benchEnv("QMG_BENCH_RUNS", runs)
+	mem = benchEnv("QMG_BENCH_MEM", mem)
 	q := requireQEMU(t, "10.0")
 	g := guestCases(mem, mem)[1] // fill
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)

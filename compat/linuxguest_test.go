@@ -462,9 +462,7 @@ func TestBenchLinuxGuest(t *testing.T) {
 		t.Skip("set QMG_BENCH=1 (make bench) to run the Linux guest benchmark")
 	}
 	runs := 5
-	if v := os.Getenv("QMG_BENCH_RUNS"); v != "" {
-		fmt.Sscan(v, &runs)
-	}
+	runs = benchEnv("QMG_BENCH_RUNS", runs)
 	type row struct{ wall, uptime, verify []time.Duration }
 	med := func(ds []time.Duration) time.Duration {
 		if len(ds) == 0 {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -44,6 +46,30 @@ const (
 // Then process_vm_readv, which measured about twice as fast as /proc/PID/mem. pmemsave last: a
 // quarter of the speed or less, and it holds QEMU's main loop (its monitor) while it runs.
 var DefaultMethods = []Method{MethodFile, MethodProcessVM, MethodProcMem, MethodPMemSave}
+
+// ParseMethods reads a comma-separated method order (--verify-method).
+func ParseMethods(s string) ([]Method, error) {
+	var ms []Method
+	for _, name := range strings.Split(s, ",") {
+		m := Method(strings.TrimSpace(name))
+		if !slices.Contains(DefaultMethods, m) {
+			return nil, fmt.Errorf("%q is not one of file, process_vm_readv, proc-mem, pmemsave", name)
+		}
+		ms = append(ms, m)
+	}
+	return ms, nil
+}
+
+// KnownMethods keeps the names of names that are methods, in order (nil when none is).
+func KnownMethods(names []string) []Method {
+	var ms []Method
+	for _, name := range names {
+		if m := Method(name); slices.Contains(DefaultMethods, m) {
+			ms = append(ms, m)
+		}
+	}
+	return ms
+}
 
 // Options tune Hash. The zero value is valid.
 type Options struct {
@@ -201,6 +227,7 @@ type hasher struct {
 	procMemErr error
 	fifo       *fifoDir
 	fifoErr    error
+	gpaFresh   bool // the guest-physical map was read again for this Hash (pmemsave)
 }
 
 func (h *hasher) close() {
@@ -219,7 +246,7 @@ func (h *hasher) block(ctx context.Context, b *Block, bh *BlockHashes) error {
 		var err error
 		switch m {
 		case MethodFile:
-			if b.File == nil {
+			if !h.l.Usable(m, b) {
 				why = append(why, "file: "+orDefault(b.FileNote, "no shared file backs it"))
 				continue
 			}
@@ -228,7 +255,7 @@ func (h *hasher) block(ctx context.Context, b *Block, bh *BlockHashes) error {
 				err = h.random(ctx, b, bh, src)
 			}
 		case MethodProcessVM, MethodProcMem:
-			if b.HVA == 0 {
+			if !h.l.Usable(m, b) {
 				why = append(why, string(m)+": "+b.Located)
 				continue
 			}
@@ -247,7 +274,15 @@ func (h *hasher) block(ctx context.Context, b *Block, bh *BlockHashes) error {
 			}
 			err = h.random(ctx, b, bh, src)
 		case MethodPMemSave:
-			if len(b.GPA) == 0 {
+			if !h.gpaFresh {
+				// The guest-physical map changes while a guest runs and when a destination
+				// loads (RefreshGuestPhysical): read it as it is now, once per Hash.
+				h.gpaFresh = true
+				if err := h.l.RefreshGuestPhysical(ctx, h.c); err != nil {
+					return err
+				}
+			}
+			if !h.l.Usable(m, b) {
 				why = append(why, "pmemsave: the guest does not see this block at any physical address")
 				continue
 			}

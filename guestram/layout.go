@@ -250,6 +250,38 @@ func (l *Layout) RefreshGuestPhysical(ctx context.Context, c *qmp.Client) error 
 	return nil
 }
 
+// Usable reports whether method m can read block b at all (what Hash tries first for it);
+// pmemsave's answer is by the guest-physical map as last read.
+func (l *Layout) Usable(m Method, b *Block) bool {
+	switch m {
+	case MethodFile:
+		return b.File != nil
+	case MethodProcessVM, MethodProcMem:
+		return b.HVA != 0 && l.ProcessDenied == ""
+	case MethodPMemSave:
+		return len(b.GPA) > 0
+	}
+	return false
+}
+
+// Plan counts the blocks by the first method of order (nil: DefaultMethods) that can read
+// them; Hash falls back block by block when a method fails.
+func (l *Layout) Plan(order []Method) map[Method]int {
+	if order == nil {
+		order = DefaultMethods
+	}
+	count := map[Method]int{}
+	for i := range l.Blocks {
+		for _, m := range order {
+			if l.Usable(m, &l.Blocks[i]) {
+				count[m]++
+				break
+			}
+		}
+	}
+	return count
+}
+
 // ramblockRE matches one line of info ramblock: 7.2 prints name, page size, offset, used, total;
 // 10.0 adds the host address and ro/rw (system/physmem.c ram_block_format).
 var ramblockRE = regexp.MustCompile(`^\s*(.+?)\s+([0-9.]+)\s+([KMGTPE]i)?B\s+0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)(?:\s+0x([0-9a-fA-F]+)\s+(ro|rw))?\s*$`)

@@ -15,8 +15,9 @@ import (
 	"sync/atomic"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/transport"
 )
 
 // Config configures one end of a link.
@@ -427,17 +428,6 @@ func Dial(ctx context.Context, addr string, cfg Config, hello Hello) (*Session, 
 // 1 Gbit/s link (compat TestBenchLink).
 const maxUnsent = 256 << 10
 
-// limitUnsent sets maxUnsent on a TCP connection (best effort: other kernels lack it).
-func limitUnsent(nc net.Conn) {
-	tc, ok := nc.(*net.TCPConn)
-	if !ok {
-		return
-	}
-	if raw, err := tc.SyscallConn(); err == nil {
-		raw.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, maxUnsent) })
-	}
-}
-
 func (s *Session) dialOne(ctx context.Context, addr, name string, hello Hello) (*conn, Welcome, error) {
 	var w Welcome
 	dctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
@@ -447,7 +437,7 @@ func (s *Session) dialOne(ctx context.Context, addr, name string, hello Hello) (
 	if err != nil {
 		return nil, w, fmt.Errorf("link: connecting to the receiver at %s: %w", addr, err)
 	}
-	limitUnsent(nc)
+	transport.LimitUnsent(nc, maxUnsent) // best effort: other kernels lack it
 	dl, _ := dctx.Deadline()
 	nc.SetDeadline(dl)
 	stop := context.AfterFunc(dctx, func() { nc.SetDeadline(time.Now()) })

@@ -371,12 +371,11 @@ func (m *migration) keepCapabilities(ctx context.Context) error {
 // run is the engine's part: the relay from the private socket to the destination, or over
 // the link.
 func (m *migration) run(ctx context.Context) (Summary, error) {
+	m.o.KeepCPUState = m.o.Verify // the pages KVM rewrites on loading come from the cpu sections
 	if m.session != nil {
 		return m.runLink(ctx)
 	}
-	opt := m.o.Options
-	opt.KeepCPUState = m.o.Verify
-	m.engine = savevm.NewRelay(m.sconn, m.dconn, m.src, opt)
+	m.engine = savevm.NewRelay(m.sconn, m.dconn, m.src, m.o.Options)
 	if m.channels != nil {
 		m.engine.SetMultifd(m.channels)
 	}
@@ -413,13 +412,6 @@ func (m *migration) finish(sum Summary) (Summary, error) {
 			return sum, &MigrateError{Class: ErrDestination, Phase: savevm.PhaseDone, SourceState: "postmigrate",
 				Err: fmt.Errorf("%w; the source stays paused in postmigrate: check the destination's log, and if it cannot run, resume the source with `cont` on its QMP", err)}
 		}
-		if m.verify != nil {
-			// The receiver holds its destination paused: it runs only once its RAM is the source's.
-			if err := m.verifyRAM(&sum, linkPeer{m}); err != nil {
-				savevm.EmitSummary(m.o.Options, sum)
-				return sum, err
-			}
-		}
 	}
 	if m.dst != nil {
 		st, err := waitDestination(wctx, m.dst)
@@ -427,17 +419,23 @@ func (m *migration) finish(sum Summary) (Summary, error) {
 			return sum, &MigrateError{Class: ErrDestination, Phase: savevm.PhaseDone, SourceState: "postmigrate",
 				Err: fmt.Errorf("the destination did not start after receiving the complete stream: %w; the source stays paused in postmigrate: check the destination's log, and if it cannot run, resume the source with `cont` on its QMP", err)}
 		}
-		if m.verify != nil {
-			// The destination holds paused: it runs only once its RAM is the source's.
-			if err := m.verifyRAM(&sum, localPeer{m.verify.dst}); err != nil {
-				savevm.EmitSummary(m.o.Options, sum)
-				return sum, err
-			}
-		} else if st == "paused" && sum.PausedByPolicy {
+		if m.verify == nil && st == "paused" && sum.PausedByPolicy {
 			if err := m.dst.Cont(wctx); err != nil {
 				return sum, &MigrateError{Class: ErrDestination, Phase: savevm.PhaseDone, SourceState: "postmigrate",
 					Err: fmt.Errorf("resuming the guest on the destination: %w", err)}
 			}
+		}
+	}
+	if m.verify != nil {
+		// The destination (here, or the receiver's) holds paused: it runs only once its RAM
+		// is the source's.
+		var dst verifyPeer = localPeer{m.verify.dst}
+		if m.session != nil {
+			dst = linkPeer{m}
+		}
+		if err := m.verifyRAM(&sum, dst); err != nil {
+			savevm.EmitSummary(m.o.Options, sum)
+			return sum, err
 		}
 	}
 	savevm.EmitSummary(m.o.Options, sum)

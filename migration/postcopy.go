@@ -81,20 +81,30 @@ func (m *migration) states() (src, dst string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	describe := func(c *qmp.Client) string {
-		if c == nil {
-			return "unknown (no QMP)"
-		}
-		st, err := c.QueryStatus(ctx)
-		if err != nil {
-			return "unknown: its QMP does not answer (" + err.Error() + ")"
+		st, ok := runState(ctx, c)
+		if !ok {
+			return st
 		}
 		mi, err := c.QueryMigrate(ctx)
 		if err != nil {
-			return st.Status
+			return st
 		}
-		return fmt.Sprintf("%s, migration %s", st.Status, mi.Status)
+		return fmt.Sprintf("%s, migration %s", st, mi.Status)
 	}
 	return describe(m.src), describe(m.dst)
+}
+
+// runState is c's run state, or what stands in its place in a report when it cannot be read
+// (ok false).
+func runState(ctx context.Context, c *qmp.Client) (state string, ok bool) {
+	if c == nil {
+		return "unknown (no QMP)", false
+	}
+	st, err := c.QueryStatus(ctx)
+	if err != nil {
+		return "unknown: its QMP does not answer (" + err.Error() + ")", false
+	}
+	return st.Status, true
 }
 
 // recoveryHint says how to recover a paused postcopy by hand.

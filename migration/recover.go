@@ -222,9 +222,7 @@ func isGone(err error) bool {
 
 // event sends a recovery event to the caller.
 func (m *migration) event(typ, msg string) {
-	if m.o.Events != nil {
-		m.o.Events(savevm.Event{Type: typ, Time: time.Now(), Phase: savevm.PhasePostcopy, Message: msg})
-	}
+	emit(m.o.Events, typ, savevm.PhasePostcopy, msg)
 	if m.o.Warn != nil {
 		m.o.Warn(msg)
 	}

@@ -129,35 +129,9 @@ func checkHeld(ctx context.Context, dst verifySide) error {
 	return nil
 }
 
-// plannedMethods says how a layout's blocks will be read (the first method of the order that
-// applies to each; guestram falls back block by block if it fails).
+// plannedMethods says how a layout's blocks will be read (guestram's Plan).
 func plannedMethods(l *guestram.Layout, order []guestram.Method) string {
-	if order == nil {
-		order = guestram.DefaultMethods
-	}
-	count := map[guestram.Method]int{}
-	for i := range l.Blocks {
-		b := &l.Blocks[i]
-		for _, meth := range order {
-			if applies(meth, b, l) {
-				count[meth]++
-				break
-			}
-		}
-	}
-	return methodList(count)
-}
-
-func applies(meth guestram.Method, b *guestram.Block, l *guestram.Layout) bool {
-	switch meth {
-	case guestram.MethodFile:
-		return b.File != nil
-	case guestram.MethodProcessVM, guestram.MethodProcMem:
-		return b.HVA != 0 && l.ProcessDenied == ""
-	case guestram.MethodPMemSave:
-		return len(b.GPA) > 0
-	}
-	return false
+	return methodList(l.Plan(order))
 }
 
 // methodList renders method counts as "process_vm_readv (12 blocks)" or "a+b".
@@ -201,10 +175,6 @@ func (m *migration) verifyRAM(sum *Summary, dst verifyPeer) error {
 	m.note("verify", "both guests are paused: comparing their RAM")
 	if d, _ := time.ParseDuration(os.Getenv(verifyDelayEnv)); d > 0 {
 		time.Sleep(d) // test-only: a moment in which a test changes the destination's RAM
-	}
-	if err := refreshForPMemSave(wctx, v.src, v.methods); err != nil {
-		return &MigrateError{Class: ErrSource, Phase: savevm.PhaseDone, SourceState: m.sourceStateNow(),
-			Err: fmt.Errorf("--verify: the source's guest-physical map: %w. Nothing was resumed: the destination stays paused with the complete stream, unverified", err)}
 	}
 	ex, notes := m.kvmExclusions(v.src.layout)
 	for _, n := range notes {
@@ -286,21 +256,7 @@ type verifyPeer interface {
 type localPeer struct{ verifySide }
 
 func (p localPeer) hash(ctx context.Context, opt guestram.Options) (*guestram.List, error) {
-	if err := refreshForPMemSave(ctx, p.verifySide, opt.Methods); err != nil {
-		return nil, err
-	}
 	return guestram.Hash(ctx, p.c, p.layout, opt)
-}
-
-// refreshForPMemSave reads a side's guest-physical map again when some block will be read by
-// pmemsave: located before the stream, a destination's map is a fresh boot's (the chipset's
-// shadow RAM settings come with the stream). A block that only falls back to pmemsave after
-// another method failed reads the map as located.
-func refreshForPMemSave(ctx context.Context, s verifySide, order []guestram.Method) error {
-	if !strings.Contains(plannedMethods(s.layout, order), string(guestram.MethodPMemSave)) {
-		return nil
-	}
-	return s.layout.RefreshGuestPhysical(ctx, s.c)
 }
 
 func (p localPeer) verdict(ctx context.Context, vs *savevm.VerifySummary, _ string) error {
@@ -392,16 +348,16 @@ func waitRunState(ctx context.Context, c *qmp.Client, state string) (string, err
 func (m *migration) sourceStateNow() string {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	st, err := m.src.QueryStatus(ctx)
-	if err != nil {
-		return "unknown: its QMP does not answer (" + err.Error() + ")"
-	}
-	return st.Status
+	st, _ := runState(ctx, m.src)
+	return st
 }
 
 // note sends an event of its own type (verify) to the caller.
-func (m *migration) note(typ, msg string) {
-	if m.o.Events != nil {
-		m.o.Events(savevm.Event{Type: typ, Time: time.Now(), Phase: savevm.PhaseDone, Message: msg})
+func (m *migration) note(typ, msg string) { emit(m.o.Events, typ, savevm.PhaseDone, msg) }
+
+// emit sends an event of the orchestration's own (verify, recovery) to events, if any.
+func emit(events func(savevm.Event), typ string, phase savevm.Phase, msg string) {
+	if events != nil {
+		events(savevm.Event{Type: typ, Time: time.Now(), Phase: phase, Message: msg})
 	}
 }

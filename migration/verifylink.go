@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"slices"
 	"time"
 
 	"github.com/qemu-migrate-go/qemu-migrate-go/guestram"
@@ -178,35 +177,29 @@ func (r *receiving) acceptVerify(h link.Hello) error {
 func (r *receiving) serveVerify(ctx context.Context, sum *Summary) error {
 	s := r.session
 	untouched := "Nothing was resumed: this destination stays paused"
+	fail := func(class error, format string, args ...any) error {
+		return &MigrateError{Class: class, Phase: savevm.PhaseDone, Err: fmt.Errorf(format+". "+untouched, args...)}
+	}
 	f, err := nextControl(ctx, s, time.After(2*r.o.ConnectTimeout), link.FrameVerify)
 	if err != nil {
-		return &MigrateError{Class: ErrSource, Phase: savevm.PhaseDone, Err: fmt.Errorf("--verify: waiting for the sender's check: %w. %s", err, untouched)}
+		return fail(ErrSource, "--verify: waiting for the sender's check: %w", err)
 	}
 	var v link.Verify
 	if err := json.Unmarshal(f.Payload, &v); err != nil {
 		s.Abort(link.CodeProtocol, "VERIFY: "+err.Error())
-		return &MigrateError{Class: ErrSource, Phase: savevm.PhaseDone, Err: fmt.Errorf("--verify: the sender's VERIFY: %w. %s", err, untouched)}
+		return fail(ErrSource, "--verify: the sender's VERIFY: %w", err)
 	}
 	r.note("verify", "both guests are paused: hashing the destination's RAM for the sender")
 	start := time.Now()
-	var methods []guestram.Method
-	for _, name := range v.Methods {
-		if meth := guestram.Method(name); slices.Contains(guestram.DefaultMethods, meth) {
-			methods = append(methods, meth)
-		}
-	}
-	var l *guestram.List
-	err = refreshForPMemSave(ctx, *r.verify, methods)
-	if err == nil {
-		l, err = guestram.Hash(ctx, r.dst, r.verify.layout, guestram.Options{Seed: v.Seed, Methods: methods})
-	}
+	methods := guestram.KnownMethods(v.Methods) // a newer sender's unknown names are left out
+	l, err := guestram.Hash(ctx, r.dst, r.verify.layout, guestram.Options{Seed: v.Seed, Methods: methods})
 	var b []byte
 	if err == nil {
 		b, err = l.MarshalBinary()
 	}
 	if err != nil && ctx.Err() != nil {
 		s.Abort(link.CodeCancelled, "the receiving sidecar was interrupted during the check")
-		return &MigrateError{Class: ErrCancelled, Phase: savevm.PhaseDone, Err: fmt.Errorf("--verify was interrupted (%v). %s", context.Cause(ctx), untouched)}
+		return fail(ErrCancelled, "--verify was interrupted (%v)", context.Cause(ctx))
 	}
 	if err != nil {
 		s.Abort(link.CodeDestination, "the receiving sidecar could not read the destination's RAM: "+err.Error())
@@ -214,24 +207,24 @@ func (r *receiving) serveVerify(ctx context.Context, sum *Summary) error {
 			Err: fmt.Errorf("--verify could not read the destination's RAM: %w. %s; the source, paused in postmigrate, is the trustworthy copy", err, untouched)}
 	}
 	hashMs := time.Since(start).Milliseconds()
-	for len(b) > 0 {
+	for { // the list in chunks, then an empty one: the end
 		n := min(len(b), link.MaxHashChunk)
 		if err := s.SendControl(link.FrameHashes, b[:n]); err != nil {
-			return &MigrateError{Class: ErrSource, Phase: savevm.PhaseDone, Err: fmt.Errorf("--verify: sending the hashes: %w. %s", err, untouched)}
+			return fail(ErrSource, "--verify: sending the hashes: %w", err)
+		}
+		if n == 0 {
+			break
 		}
 		b = b[n:]
 	}
-	if err := s.SendControl(link.FrameHashes, nil); err != nil {
-		return &MigrateError{Class: ErrSource, Phase: savevm.PhaseDone, Err: fmt.Errorf("--verify: sending the hashes: %w. %s", err, untouched)}
-	}
 	f, err = nextControl(ctx, s, time.After(verifyWait(ramOf(r.verify.layout))), link.FrameVerdict)
 	if err != nil {
-		return &MigrateError{Class: ErrSource, Phase: savevm.PhaseDone, Err: fmt.Errorf("--verify: waiting for the sender's verdict: %w. %s", err, untouched)}
+		return fail(ErrSource, "--verify: waiting for the sender's verdict: %w", err)
 	}
 	var vd link.Verdict
 	if err := json.Unmarshal(f.Payload, &vd); err != nil {
 		s.Abort(link.CodeProtocol, "VERDICT: "+err.Error())
-		return &MigrateError{Class: ErrSource, Phase: savevm.PhaseDone, Err: fmt.Errorf("--verify: the sender's VERDICT: %w. %s", err, untouched)}
+		return fail(ErrSource, "--verify: the sender's VERDICT: %w", err)
 	}
 	vs := &savevm.VerifySummary{}
 	if json.Unmarshal(vd.Summary, vs) == nil {
@@ -256,8 +249,4 @@ func (r *receiving) serveVerify(ctx context.Context, sum *Summary) error {
 }
 
 // note sends an event of its own type to the caller.
-func (r *receiving) note(typ, msg string) {
-	if r.o.Events != nil {
-		r.o.Events(savevm.Event{Type: typ, Time: time.Now(), Phase: savevm.PhaseDone, Message: msg})
-	}
-}
+func (r *receiving) note(typ, msg string) { emit(r.o.Events, typ, savevm.PhaseDone, msg) }

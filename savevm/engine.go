@@ -51,8 +51,7 @@ type Options struct {
 // CPUState is one vCPU's "cpu" section as the stream carried it.
 type CPUState struct {
 	Instance uint32
-	Version  uint32
-	Body     []byte // the vmstate body (stream.Record.Body)
+	Body     []byte // the vmstate body (stream.Record.Body); the vmdesc says its fields
 }
 
 // maxKeptCPUState bounds what KeepCPUState keeps of cpu sections (a vCPU's is about 2 KiB).
@@ -970,7 +969,7 @@ func (r *Relay) keepCPU(rec *stream.Record) {
 		return
 	}
 	r.cpuBytes += len(rec.Body)
-	r.cpus = append(r.cpus, CPUState{Instance: rec.Section.Instance, Version: rec.Section.Version, Body: append([]byte(nil), rec.Body...)})
+	r.cpus = append(r.cpus, CPUState{Instance: rec.Section.Instance, Body: append([]byte(nil), rec.Body...)})
 }
 
 // VerifySummary is the check of --verify: the destination's loaded RAM against the paused

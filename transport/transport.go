@@ -163,7 +163,13 @@ func LowLatency(c Conn, bytes int) error {
 	if !ok {
 		return nil
 	}
-	tc, ok := sc.Conn.(*net.TCPConn)
+	return LimitUnsent(sc.Conn, bytes)
+}
+
+// LimitUnsent sets TCP_NOTSENT_LOWAT on a TCP connection (nothing for other kinds): the kernel
+// then holds at most about bytes of it unsent.
+func LimitUnsent(nc net.Conn, bytes int) error {
+	tc, ok := nc.(*net.TCPConn)
 	if !ok {
 		return nil
 	}

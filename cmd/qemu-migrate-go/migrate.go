@@ -4,8 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"slices"
-	"strings"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -135,8 +133,8 @@ func runMigrate(c *cli.Context) error {
 		if !opt.Verify {
 			return &exitError{exitUsage, fmt.Errorf("--verify-method is for --verify")}
 		}
-		if opt.VerifyMethods, err = parseMethods(c.String("verify-method")); err != nil {
-			return &exitError{exitUsage, err}
+		if opt.VerifyMethods, err = guestram.ParseMethods(c.String("verify-method")); err != nil {
+			return &exitError{exitUsage, fmt.Errorf("--verify-method: %w", err)}
 		}
 	}
 	sum, err := migration.Migrate(c.Context, opt)
@@ -189,17 +187,4 @@ func jsonOut(v any) {
 	}
 	b, _ := json.Marshal(v)
 	os.Stdout.Write(append(b, '\n'))
-}
-
-// parseMethods reads --verify-method.
-func parseMethods(s string) ([]guestram.Method, error) {
-	var ms []guestram.Method
-	for _, name := range strings.Split(s, ",") {
-		m := guestram.Method(strings.TrimSpace(name))
-		if !slices.Contains(guestram.DefaultMethods, m) {
-			return nil, fmt.Errorf("--verify-method: %q is not one of file, process_vm_readv, proc-mem, pmemsave", name)
-		}
-		ms = append(ms, m)
-	}
-	return ms, nil
 }
