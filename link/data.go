@@ -354,3 +354,35 @@ func ParseEnd(p []byte) (End, error) {
 	}
 	return e, d.done()
 }
+
+// Packaged is PACKAGED: the nested stream of QEMU's PACKAGED command (the postcopy switch:
+// LISTEN, the device state, RUN), exactly as QEMU made it (PROTOCOL.md §7).
+type Packaged struct {
+	Seq  uint64
+	Data []byte
+}
+
+// AppendPackagedHeader starts a PACKAGED frame whose data the caller appends; finish it with
+// SetHeaderLength on the slice from the frame's start.
+func AppendPackagedHeader(dst []byte, seq uint64) []byte { return begin(dst, FramePackaged, seq) }
+
+// ParsePackaged decodes PACKAGED's payload; Data aliases it.
+func ParsePackaged(p []byte) (Packaged, error) {
+	d, seq := newDec(FramePackaged, p)
+	pk := Packaged{Seq: seq, Data: d.rest()}
+	if len(pk.Data) == 0 && d.err == nil {
+		d.err = errors.New("an empty package")
+	}
+	return pk, d.done()
+}
+
+// PostcopyCommand reports whether a QEMU command goes over the link as a COMMAND frame with the
+// postcopy feature (PROTOCOL.md §7): the return path's, postcopy's and a recovery's (PACKAGED
+// has its own frame; LISTEN and RUN travel inside it).
+func PostcopyCommand(cmd uint16) bool {
+	switch cmd {
+	case 1, 2, 3, 6, 9, 10: // OPEN_RETURN_PATH, PING, POSTCOPY_ADVISE, POSTCOPY_RAM_DISCARD, POSTCOPY_RESUME, RECV_BITMAP
+		return true
+	}
+	return false
+}

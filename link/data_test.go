@@ -26,6 +26,16 @@ func (d deviceAppender) Append(dst []byte) []byte {
 	return dst
 }
 
+// packagedAppender makes Packaged a dataFrame (PACKAGED is encoded in place by its users).
+type packagedAppender Packaged
+
+func (d packagedAppender) Append(dst []byte) []byte {
+	st := len(dst)
+	dst = append(AppendPackagedHeader(dst, d.Seq), d.Data...)
+	SetHeaderLength(dst[st:])
+	return dst
+}
+
 // parseData decodes a data frame's payload with the parser of its type.
 func parseData(t FrameType, p []byte) (dataFrame, error) {
 	switch t {
@@ -50,6 +60,9 @@ func parseData(t FrameType, p []byte) (dataFrame, error) {
 	case FrameEnd:
 		v, err := ParseEnd(p)
 		return v, err
+	case FramePackaged:
+		v, err := ParsePackaged(p)
+		return packagedAppender(v), err
 	}
 	return nil, fmt.Errorf("no parser for %v", t)
 }

@@ -40,6 +40,8 @@ const (
 	FrameVerify  FrameType = 0x0a // sender → receiver: hash the destination with this seed
 	FrameHashes  FrameType = 0x0b // receiver → sender: a chunk of its hash list; empty = the end
 	FrameVerdict FrameType = 0x0c // sender → receiver: equal or not, and why
+	// Postcopy (feature "postcopy", PROTOCOL.md §7): the destination's return path, as bytes.
+	FrameReturn FrameType = 0x0d // receiver → sender: return-path bytes; empty = it closed
 )
 
 // Data frames (PROTOCOL.md §2.2); every payload starts with be64 seq.
@@ -52,14 +54,16 @@ const (
 	FrameCommand    FrameType = 0x15
 	FrameDevice     FrameType = 0x16
 	FrameEnd        FrameType = 0x17
+	// FramePackaged carries a PACKAGED command's nested stream (feature "postcopy", §7).
+	FramePackaged FrameType = 0x18
 )
 
 var frameNames = map[FrameType]string{
 	FrameHello: "HELLO", FrameWelcome: "WELCOME", FramePing: "PING", FramePong: "PONG",
 	FrameError: "ERROR", FrameReady: "READY", FrameCommit: "COMMIT", FrameDelivered: "DELIVERED",
-	FrameStatus: "STATUS", FrameVerify: "VERIFY", FrameHashes: "HASHES", FrameVerdict: "VERDICT", FrameBegin: "BEGIN", FrameSection: "SECTION", FrameMemSize: "MEMSIZE",
+	FrameStatus: "STATUS", FrameVerify: "VERIFY", FrameHashes: "HASHES", FrameVerdict: "VERDICT", FrameReturn: "RETURN", FrameBegin: "BEGIN", FrameSection: "SECTION", FrameMemSize: "MEMSIZE",
 	FramePages: "PAGES", FrameSectionEnd: "SECTION_END", FrameCommand: "COMMAND",
-	FrameDevice: "DEVICE", FrameEnd: "END",
+	FrameDevice: "DEVICE", FrameEnd: "END", FramePackaged: "PACKAGED",
 }
 
 func (t FrameType) String() string {
@@ -74,7 +78,7 @@ func (t FrameType) Known() bool { _, ok := frameNames[t]; return ok }
 
 // IsData reports whether t is a data frame: it carries a sequence number and is applied in
 // sequence order (PROTOCOL.md §2.2).
-func (t FrameType) IsData() bool { return t >= FrameBegin && t <= FrameEnd }
+func (t FrameType) IsData() bool { return t >= FrameBegin && t <= FramePackaged }
 
 // Payload limits (PROTOCOL.md §2).
 const (
@@ -84,6 +88,9 @@ const (
 	// MaxEndPayload: END carries the whole vmdesc, which QEMU may make up to 16 MiB (the
 	// stream Reader's default limit).
 	MaxEndPayload = 16<<20 + 9
+	// MaxPackagedPayload: PACKAGED carries the nested stream of QEMU's PACKAGED command, at
+	// most 16 MiB (QEMU's MAX_VM_CMD_PACKAGED_SIZE, stream-format.md §3).
+	MaxPackagedPayload = 16<<20 + 8
 )
 
 // MaxPayloadOf is the largest payload a frame of type t may have.
@@ -91,6 +98,8 @@ func MaxPayloadOf(t FrameType) int {
 	switch {
 	case t == FrameEnd:
 		return MaxEndPayload
+	case t == FramePackaged:
+		return MaxPackagedPayload
 	case t.IsData():
 		return MaxPayload
 	}

@@ -11,12 +11,12 @@ import (
 	"testing"
 )
 
-// allFrameTypes is every frame type of protocol version 1 (PROTOCOL.md §2.1, §2.2).
+// allFrameTypes is every frame type of protocol version 1 (PROTOCOL.md §2.1, §2.2, §7).
 var allFrameTypes = []FrameType{
 	FrameHello, FrameWelcome, FramePing, FramePong, FrameError, FrameReady, FrameCommit,
-	FrameDelivered, FrameStatus, FrameVerify, FrameHashes, FrameVerdict,
+	FrameDelivered, FrameStatus, FrameVerify, FrameHashes, FrameVerdict, FrameReturn,
 	FrameBegin, FrameSection, FrameMemSize, FramePages, FrameSectionEnd, FrameCommand,
-	FrameDevice, FrameEnd,
+	FrameDevice, FrameEnd, FramePackaged,
 }
 
 // allocated is the number of bytes f allocates per call, averaged over runs (TotalAlloc counts
@@ -58,9 +58,10 @@ func TestFrameTypes(t *testing.T) {
 	names := map[FrameType]string{
 		FrameHello: "HELLO", FrameWelcome: "WELCOME", FramePing: "PING", FramePong: "PONG", FrameError: "ERROR",
 		FrameReady: "READY", FrameCommit: "COMMIT", FrameDelivered: "DELIVERED", FrameStatus: "STATUS",
-		FrameVerify: "VERIFY", FrameHashes: "HASHES", FrameVerdict: "VERDICT",
+		FrameVerify: "VERIFY", FrameHashes: "HASHES", FrameVerdict: "VERDICT", FrameReturn: "RETURN",
 		FrameBegin: "BEGIN", FrameSection: "SECTION", FrameMemSize: "MEMSIZE", FramePages: "PAGES",
 		FrameSectionEnd: "SECTION_END", FrameCommand: "COMMAND", FrameDevice: "DEVICE", FrameEnd: "END",
+		FramePackaged: "PACKAGED",
 	}
 	for v := 0; v < 256; v++ {
 		ft := FrameType(v)
@@ -74,14 +75,16 @@ func TestFrameTypes(t *testing.T) {
 		if !known && !strings.Contains(ft.String(), "0x") {
 			t.Errorf("0x%02x: String() = %q names no number", v, ft.String())
 		}
-		// Data frames are exactly 0x10…0x17 (PROTOCOL.md §2.2).
-		if data := v >= 0x10 && v <= 0x17; ft.IsData() != data {
+		// Data frames are exactly 0x10…0x18 (PROTOCOL.md §2.2, §7).
+		if data := v >= 0x10 && v <= 0x18; ft.IsData() != data {
 			t.Errorf("0x%02x: IsData() = %v", v, ft.IsData())
 		}
 		want := MaxControlPayload
 		switch {
 		case ft == FrameEnd:
 			want = 16<<20 + 9
+		case ft == FramePackaged:
+			want = 16<<20 + 8
 		case ft.IsData():
 			want = 2 << 20
 		}

@@ -75,7 +75,7 @@ func FuzzReadFrame(f *testing.F) {
 }
 
 // dataParsers are the parsers FuzzDataFrames feeds (PAGES has its own target).
-var dataParsers = []FrameType{FrameBegin, FrameSection, FrameMemSize, FrameSectionEnd, FrameCommand, FrameDevice, FrameEnd}
+var dataParsers = []FrameType{FrameBegin, FrameSection, FrameMemSize, FrameSectionEnd, FrameCommand, FrameDevice, FrameEnd, FramePackaged}
 
 // FuzzDataFrames: a payload goes to every data frame parser; each refuses it with an error that
 // names its frame type, or decodes something that re-encodes to the same bytes.
@@ -258,6 +258,8 @@ func seedDataFrames(t testing.TB) [][]byte {
 		deviceAppender{Seq: 9, Data: []byte("\x04\x00\x00\x00\x03\x05timer\x00\x00\x00\x00\x00\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00\x00\x7e\x00\x00\x00\x03")},
 		End{Seq: 10, HasVMDesc: true, VMDesc: []byte(`{"page_size":4096,"devices":[{"name":"timer","instance_id":0}]}`)},
 		End{Seq: 10},
+		// The postcopy switch's package: LISTEN, RUN (feature postcopy, PROTOCOL.md §7).
+		packagedAppender{Seq: 11, Data: []byte("\x08\x00\x04\x00\x00\x08\x00\x05\x00\x00")},
 	} {
 		frames = append(frames, v.Append(nil))
 	}

@@ -23,6 +23,9 @@ type Hello struct {
 	// Features the sender would use if the receiver agrees (e.g. "verify"); unknown ones are
 	// ignored.
 	Features []string `json:"features,omitempty"`
+	// Resume is, on the control connection of a postcopy recovery, the token of the session
+	// that broke (PROTOCOL.md §7.2): the receiver takes it only from the same peer.
+	Resume string `json:"resume,omitempty"`
 }
 
 // Welcome is the receiver's answer to HELLO (PROTOCOL.md §2.1).
@@ -215,6 +218,13 @@ func AppendJSON(dst []byte, v any) ([]byte, error) {
 
 // FeatureVerify is the HELLO/WELCOME feature of --verify (PROTOCOL.md §5.1).
 const FeatureVerify = "verify"
+
+// FeaturePostcopy is the postcopy feature (PROTOCOL.md §7): the destination's return path
+// (RETURN), every postcopy command, PACKAGED, and recovery of a broken link.
+const FeaturePostcopy = "postcopy"
+
+// MaxReturnChunk is the most return-path bytes one RETURN frame carries.
+const MaxReturnChunk = 60 << 10
 
 // Verify is VERIFY's JSON: the seed of this check's hashes (drawn by the sender) and how to read.
 type Verify struct {

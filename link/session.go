@@ -100,6 +100,13 @@ type Session struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
+	// The destination's return path (feature "postcopy"): RETURN payloads as they arrived, and
+	// what ReadReturn has not yet given out of the current one.
+	returns chan []byte
+	retMu   sync.Mutex
+	retBuf  []byte
+	retEOF  bool
+
 	lastHeard atomic.Int64 // unix ns of the last control frame from the peer
 	received  atomic.Int64 // data bytes read
 	sent      atomic.Int64 // data bytes written
@@ -122,7 +129,8 @@ type Session struct {
 }
 
 func newSession(cfg Config, side string) *Session {
-	s := &Session{cfg: cfg.withDefaults(), side: side, control: make(chan Frame, 16), done: make(chan struct{})}
+	s := &Session{cfg: cfg.withDefaults(), side: side, control: make(chan Frame, 16), done: make(chan struct{}),
+		returns: make(chan []byte, 256)}
 	s.rcond = sync.NewCond(&s.rmu)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.lastHeard.Store(time.Now().UnixNano())
@@ -279,6 +287,55 @@ func (s *Session) PeerPing() (Ping, bool) {
 	return *p, true
 }
 
+// SendReturn sends return-path bytes of the destination to the sender (RETURN frames of at most
+// MaxReturnChunk bytes); an empty b says that the destination closed its return path.
+func (s *Session) SendReturn(b []byte) error {
+	for {
+		n := min(len(b), MaxReturnChunk)
+		if err := s.SendControl(FrameReturn, b[:n]); err != nil {
+			return err
+		}
+		b = b[n:]
+		if len(b) == 0 {
+			return nil
+		}
+	}
+}
+
+// ReadReturn reads the destination's return path as the receiver sent it (RETURN frames): it
+// is the io.Reader the sender's engine decodes the return path from. io.EOF once the
+// destination closed it; the session's error once the session ended.
+func (s *Session) ReadReturn(p []byte) (int, error) {
+	s.retMu.Lock()
+	defer s.retMu.Unlock()
+	for len(s.retBuf) == 0 {
+		if s.retEOF {
+			return 0, io.EOF
+		}
+		select {
+		case b := <-s.returns:
+			s.retBuf, s.retEOF = b, len(b) == 0
+			continue
+		default:
+		}
+		select {
+		case b := <-s.returns:
+			s.retBuf, s.retEOF = b, len(b) == 0
+		case <-s.done:
+			return 0, s.ended()
+		}
+	}
+	n := copy(p, s.retBuf)
+	s.retBuf = s.retBuf[n:]
+	return n, nil
+}
+
+// PeerCertificate is the peer's leaf certificate on the control connection (nil without TLS).
+func (s *Session) PeerCertificate() []byte { return s.ctl.cert }
+
+// Token is the session token WELCOME gave.
+func (s *Session) Token() string { return s.Welcome.Session }
+
 // BytesSent and BytesReceived count data frame bytes on the data connections.
 func (s *Session) BytesSent() int64     { return s.sent.Load() }
 func (s *Session) BytesReceived() int64 { return s.received.Load() }
@@ -334,6 +391,20 @@ func (s *Session) readControl() {
 			}
 			s.fail(re)
 			return
+		case FrameReturn:
+			if s.side != "sender" || !HasFeature(s.Welcome.Features, FeaturePostcopy) {
+				s.refuse(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: errors.New("RETURN without the postcopy feature, or towards the receiver")})
+				return
+			}
+			if len(f.Payload) > MaxReturnChunk {
+				s.refuse(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: fmt.Errorf("%d return-path bytes, more than %d", len(f.Payload), MaxReturnChunk)})
+				return
+			}
+			select {
+			case s.returns <- bytes.Clone(f.Payload):
+			case <-s.done:
+				return
+			}
 		case FrameReady, FrameCommit, FrameDelivered, FrameStatus, FrameVerify, FrameHashes, FrameVerdict:
 			f.Payload = bytes.Clone(f.Payload)
 			select {
@@ -596,7 +667,14 @@ func (s *Session) Drain(ctx context.Context) error {
 type Listener struct {
 	l   net.Listener
 	cfg Config
+	// peer, when set, is the only client certificate the control connection may present (a
+	// postcopy recovery takes only the sender of the session that broke).
+	peer []byte
 }
+
+// RequirePeer makes Accept take only a sender presenting cert (PeerCertificate of an earlier
+// session).
+func (l *Listener) RequirePeer(cert []byte) { l.peer = cert }
 
 // Listen listens on addr (HOST:PORT), and nowhere else.
 func Listen(addr string, cfg Config) (*Listener, error) {
@@ -614,7 +692,8 @@ func (l *Listener) Addr() net.Addr { return l.l.Addr() }
 func (l *Listener) Close() error { return l.l.Close() }
 
 // Accept waits (until ctx ends) for the sender's control connection, asks check whether the
-// migration its HELLO describes can be taken (an error is sent back as ERROR, code refused),
+// migration its HELLO describes can be taken (an error is sent back as ERROR, code refused
+// unless the error has a LinkCode() ErrorCode method),
 // then accepts the data connections — only from the same certificate, with the session token
 // WELCOME gave — and closes the listener. A connection that fails its handshake ends Accept with
 // the reason: the receiver serves one authenticated peer.
@@ -628,6 +707,11 @@ func (l *Listener) Accept(ctx context.Context, check func(Hello) (Welcome, error
 		return nil, err
 	}
 	s.ctl = ctl
+	if l.peer != nil && !bytes.Equal(ctl.cert, l.peer) {
+		ctl.fr.WriteFrame(FrameError, AppendError(nil, CodeRefused, "another certificate than the sender of the migration being recovered"))
+		ctl.nc.Close()
+		return nil, fmt.Errorf("link: %s presented another certificate than the sender of the migration being recovered", ctl.nc.RemoteAddr())
+	}
 	if h.Role != "control" {
 		ctl.fr.WriteFrame(FrameError, AppendError(nil, CodeProtocol, "the first connection must be the control connection"))
 		ctl.nc.Close()
@@ -641,7 +725,12 @@ func (l *Listener) Accept(ctx context.Context, check func(Hello) (Welcome, error
 	}
 	w, err := check(h)
 	if err != nil {
-		ctl.fr.WriteFrame(FrameError, AppendError(nil, CodeRefused, err.Error()))
+		code := CodeRefused
+		var c interface{ LinkCode() ErrorCode }
+		if errors.As(err, &c) {
+			code = c.LinkCode() // e.g. CodeDestination: the destination of a recovery is gone
+		}
+		ctl.fr.WriteFrame(FrameError, AppendError(nil, code, err.Error()))
 		ctl.nc.Close()
 		return nil, err
 	}

@@ -27,6 +27,13 @@ const DefaultConnections = 2
 // Version is this sidecar's version string, sent in HELLO.
 var Version = "qemu-migrate-go (devel)"
 
+func (l LinkOptions) connections() int {
+	if l.Connections <= 0 {
+		return DefaultConnections
+	}
+	return l.Connections
+}
+
 // linkConfig builds the sender's link configuration.
 func (o MigrateOptions) linkConfig() (link.Config, error) {
 	cfg := link.Config{Timeout: o.Link.Timeout, HandshakeTimeout: o.ConnectTimeout, Bandwidth: o.Policy.Bandwidth}
@@ -53,13 +60,12 @@ func (m *migration) dialLink(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	n := m.o.Link.Connections
-	if n <= 0 {
-		n = DefaultConnections
-	}
-	hello := link.Hello{Connections: n, Compress: link.CodecNames(), Sidecar: Version, Source: &link.Endpoint{Status: m.before}}
+	hello := link.Hello{Connections: m.o.Link.connections(), Compress: link.CodecNames(), Sidecar: Version, Source: &link.Endpoint{Status: m.before}}
 	if m.verify != nil {
 		hello.Features = append(hello.Features, link.FeatureVerify)
+	}
+	if m.o.Policy.Postcopy {
+		hello.Features = append(hello.Features, link.FeaturePostcopy)
 	}
 	if v, err := m.src.QueryVersion(ctx); err == nil {
 		hello.Source.QEMU = fmt.Sprintf("%d.%d.%d", v.QEMU.Major, v.QEMU.Minor, v.QEMU.Micro)
@@ -75,6 +81,17 @@ func (m *migration) dialLink(ctx context.Context) error {
 		s.Abort(link.CodeRefused, "--verify: the receiver did not agree")
 		return usageError{errors.New("--verify: the receiving sidecar does not offer the check (a version without it): run it without --verify, or upgrade the receiver")}
 	}
+	if m.o.Policy.Postcopy && !link.HasFeature(s.Welcome.Features, link.FeaturePostcopy) {
+		s.Abort(link.CodeRefused, "--postcopy: the receiver did not agree")
+		return usageError{errors.New("--postcopy: the receiving sidecar does not offer postcopy (a version without it): run it without --postcopy, or upgrade the receiver")}
+	}
+	m.adoptSession(s)
+	return nil
+}
+
+// adoptSession makes s the migration's link, closed when it ends: cleanly once the destination
+// has everything, otherwise with an ERROR that says why.
+func (m *migration) adoptSession(s *link.Session) {
 	m.session = s
 	m.defer_(func() {
 		switch {
@@ -86,7 +103,6 @@ func (m *migration) dialLink(ctx context.Context) error {
 			s.Abort(link.CodeSource, "the sending sidecar gave up")
 		}
 	})
-	return nil
 }
 
 // runLink is the engine's part over a link.

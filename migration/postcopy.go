@@ -25,7 +25,12 @@ func (m *migration) preparePostcopy(ctx context.Context) error {
 	}
 	switch {
 	case m.o.To.IsLink():
-		return usageError{errors.New("--postcopy over the link (qmg://) is not supported yet: relay it with --to tcp: and --dst-qmp")}
+		// The receiving sidecar gives its destination postcopy-ram, and drives its side of a
+		// recovery (feature postcopy in HELLO, dialLink); only the source is checked here.
+		if m.multifd != nil {
+			return usageError{errors.New("--postcopy with a multifd source is not supported: turn multifd off on the source")}
+		}
+		return refusePreempt(ctx, "source", m.src)
 	case m.dst == nil:
 		return usageError{errors.New("--postcopy needs --dst-qmp: the destination must have postcopy-ram too, and a recovery drives its migrate-recover")}
 	case m.o.To.Scheme != "tcp" && m.o.To.Scheme != "unix":
@@ -33,21 +38,33 @@ func (m *migration) preparePostcopy(ctx context.Context) error {
 	case m.multifd != nil:
 		return usageError{errors.New("--postcopy with a multifd source is not supported: turn multifd off on the source")}
 	}
-	// postcopy-preempt moves requested pages to a channel of their own (stream.PreemptReader
-	// decodes it), which the relay does not serve yet: refuse it before anything is touched.
-	for _, side := range []struct {
-		name string
-		c    *qmp.Client
-	}{{"source", m.src}, {"destination", m.dst}} {
-		caps, err := side.c.QueryCapabilities(ctx)
-		if err != nil {
-			return fmt.Errorf("the %s's capabilities: %w", side.name, err)
-		}
-		if caps["postcopy-preempt"] {
-			return usageError{fmt.Errorf("--postcopy with postcopy-preempt on (the %s) is not supported: the sidecar relays postcopy on one channel; turn it off there (migrate-set-capabilities postcopy-preempt false)", side.name)}
-		}
+	if err := refusePreempt(ctx, "source", m.src); err != nil {
+		return err
 	}
-	if err := m.dst.SetCapabilities(ctx, map[string]bool{"postcopy-ram": true}); err != nil {
+	return givePostcopy(ctx, m.dst)
+}
+
+// refusePreempt refuses a side with postcopy-preempt on before anything is touched: it moves
+// requested pages to a channel of their own (stream.PreemptReader decodes it), which the
+// sidecar does not serve yet.
+func refusePreempt(ctx context.Context, side string, c *qmp.Client) error {
+	caps, err := c.QueryCapabilities(ctx)
+	if err != nil {
+		return fmt.Errorf("the %s's capabilities: %w", side, err)
+	}
+	if caps["postcopy-preempt"] {
+		return usageError{fmt.Errorf("--postcopy with postcopy-preempt on (the %s) is not supported: the sidecar relays postcopy on one channel; turn it off there (migrate-set-capabilities postcopy-preempt false)", side)}
+	}
+	return nil
+}
+
+// givePostcopy checks the destination and gives it postcopy-ram (relay mode here, or the
+// receiving end of a link).
+func givePostcopy(ctx context.Context, dst *qmp.Client) error {
+	if err := refusePreempt(ctx, "destination", dst); err != nil {
+		return err
+	}
+	if err := dst.SetCapabilities(ctx, map[string]bool{"postcopy-ram": true}); err != nil {
 		return fmt.Errorf("giving the destination postcopy-ram: %w (start it with -incoming defer if it refuses once listening)", err)
 	}
 	return nil
@@ -80,18 +97,24 @@ func (m *migration) postcopyFailed(cause error) (Summary, error) {
 func (m *migration) states() (src, dst string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	describe := func(c *qmp.Client) string {
-		st, ok := runState(ctx, c)
-		if !ok {
-			return st
-		}
-		mi, err := c.QueryMigrate(ctx)
-		if err != nil {
-			return st
-		}
-		return fmt.Sprintf("%s, migration %s", st, mi.Status)
+	dst = describeMigration(ctx, m.dst)
+	if m.session != nil {
+		dst = "on the receiver's host (its sidecar reports it)"
 	}
-	return describe(m.src), describe(m.dst)
+	return describeMigration(ctx, m.src), dst
+}
+
+// describeMigration is c's run and migration state, for a report.
+func describeMigration(ctx context.Context, c *qmp.Client) string {
+	st, ok := runState(ctx, c)
+	if !ok {
+		return st
+	}
+	mi, err := c.QueryMigrate(ctx)
+	if err != nil {
+		return st
+	}
+	return fmt.Sprintf("%s, migration %s", st, mi.Status)
 }
 
 // runState is c's run state, or what stands in its place in a report when it cannot be read
@@ -109,6 +132,9 @@ func runState(ctx context.Context, c *qmp.Client) (state string, ok bool) {
 
 // recoveryHint says how to recover a paused postcopy by hand.
 func (m *migration) recoveryHint() string {
+	if m.session != nil {
+		return fmt.Sprintf("If both are in postcopy-paused and the receiving sidecar has exited, recover by hand: on the destination's QMP `migrate-recover` {\"uri\": its -incoming address}, then on the source `migrate` {\"uri\": that address as reachable from here, \"resume\": true}; while the receiver runs, it takes a new link from `%s`", m.o.To)
+	}
 	return fmt.Sprintf("If both are in postcopy-paused, recover: on the destination `migrate-recover` {\"uri\": \"%s\"}, then on the source `migrate` {\"uri\": \"%s\", \"resume\": true}; if the destination QEMU is gone, the guest is lost with it",
 		m.o.To, m.o.To)
 }

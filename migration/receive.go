@@ -28,6 +28,9 @@ type ReceiveOptions struct {
 	// sender itself lasts until ctx ends.
 	ConnectTimeout time.Duration
 	StallTimeout   time.Duration
+	// RecoverTimeout bounds the recovery of a postcopy whose link broke (default
+	// DefaultRecoverTimeout).
+	RecoverTimeout time.Duration
 	Events         func(savevm.Event)
 	Warn           func(string)
 	// Listening is called once the listener is up, with its address.
@@ -74,18 +77,19 @@ func Receive(ctx context.Context, o ReceiveOptions) (Summary, error) {
 		}
 		return Summary{}, &MigrateError{Class: class, Err: err}
 	}
-	r.session = s
-	r.defer_(func() {
-		if r.delivered {
-			s.Close()
-		} else {
-			s.Abort(link.CodeDestination, "the receiving sidecar gave up")
-		}
-	})
-	// 4. The engine writes the stream for the destination until the sender commits.
+	r.adoptSession(s)
+	// 4. The engine writes the stream for the destination until the sender commits — or,
+	//    after a switch to postcopy, until the destination has every page, recovering a link
+	//    that breaks (recoverlink.go).
 	eng := savevm.NewReceiver(s, r.dconn, savevm.ReceiveOptions{DstSeries: r.series, Events: o.Events, Warn: o.Warn,
 		StallTimeout: o.StallTimeout})
 	sum, err := eng.Run(ctx)
+	if err != nil && eng.Started() {
+		sum, err = r.recoverPostcopy(ctx, eng, cfg, err)
+		if err != nil {
+			return sum, err
+		}
+	}
 	if err != nil {
 		return sum, r.failed(ctx, err, eng.Phase())
 	}
@@ -117,6 +121,30 @@ type receiving struct {
 }
 
 func (r *receiving) defer_(f func()) { r.cleanup = append(r.cleanup, f) }
+
+// adoptSession makes s the link, closed cleanly once the destination has everything, else
+// with an ERROR.
+func (r *receiving) adoptSession(s *link.Session) {
+	r.session = s
+	r.defer_(func() {
+		if r.delivered {
+			s.Close()
+		} else {
+			s.Abort(link.CodeDestination, "the receiving sidecar gave up")
+		}
+	})
+}
+
+// adoptDestination makes c the destination's stream connection, reset unless the destination
+// got everything.
+func (r *receiving) adoptDestination(c transport.Conn) {
+	r.dconn = c
+	r.defer_(func() {
+		if !r.delivered {
+			c.Abort()
+		}
+	})
+}
 
 func (r *receiving) close() {
 	for i := len(r.cleanup) - 1; i >= 0; i-- {
@@ -202,8 +230,26 @@ func (r *receiving) accept(h link.Hello) (link.Welcome, error) {
 			return w, refusal{fmt.Errorf("the destination VM is %q, not waiting for an incoming migration", st.Status)}
 		}
 	}
+	if h.Resume != "" {
+		return w, refusal{errors.New("there is no broken postcopy migration here to resume")}
+	}
 	if err := r.acceptVerify(h); err != nil {
 		return w, err
+	}
+	postcopy := link.HasFeature(h.Features, link.FeaturePostcopy)
+	if postcopy {
+		if r.dst == nil {
+			return w, refusal{errors.New("--postcopy over the link needs receive --dst-qmp: the destination needs postcopy-ram, and a recovery drives its migrate-recover")}
+		}
+		if r.o.To.Scheme == "file" {
+			return w, refusal{errors.New("--postcopy needs a destination QEMU that answers (receive --to unix: or tcp:), not a file")}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), r.o.ConnectTimeout)
+		err := givePostcopy(ctx, r.dst)
+		cancel()
+		if err != nil {
+			return w, refusal{err}
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), r.o.ConnectTimeout)
 	defer cancel()
@@ -211,12 +257,7 @@ func (r *receiving) accept(h link.Hello) (link.Welcome, error) {
 	if err != nil {
 		return w, refusal{fmt.Errorf("the destination QEMU is not reachable: %w", err)}
 	}
-	r.dconn = dconn
-	r.defer_(func() {
-		if !r.delivered {
-			dconn.Abort()
-		}
-	})
+	r.adoptDestination(dconn)
 	w = link.Welcome{Connections: h.Connections, Compress: link.CodecNames(),
 		Destination: &link.Endpoint{QEMU: r.version, Machine: r.machine}}
 	if r.dst != nil {
@@ -225,6 +266,9 @@ func (r *receiving) accept(h link.Hello) (link.Welcome, error) {
 	}
 	if r.verify != nil {
 		w.Features = append(w.Features, link.FeatureVerify)
+	}
+	if postcopy {
+		w.Features = append(w.Features, link.FeaturePostcopy)
 	}
 	return w, nil
 }

@@ -47,7 +47,12 @@ func (m *migration) recoverPostcopy(ctx context.Context, cause error) (Summary, 
 		if time.Now().After(deadline) {
 			return m.postcopyFailed(fmt.Errorf("could not recover within --recover-timeout %v (%d attempts; last: %w)", timeout, attempt-1, last))
 		}
-		err := m.recoverOnce(ctx, deadline, &recovering)
+		var err error
+		if m.session != nil {
+			err = m.recoverLinkOnce(ctx, deadline)
+		} else {
+			err = m.recoverOnce(ctx, deadline, &recovering)
+		}
 		if err == nil {
 			return m.finish(m.resumedSum)
 		}
@@ -83,7 +88,7 @@ func (m *migration) recoverOnce(ctx context.Context, deadline time.Time, recover
 	qctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if !*recovering {
-		if err := m.pauseIfUnaware(qctx); err != nil {
+		if err := pauseIfUnaware(qctx, m.dst, m.event); err != nil {
 			if isGone(err) {
 				return &goneError{fmt.Errorf("the destination QEMU is gone (%v): the guest's newest state was there", err), destinationGoneHint}
 			}
@@ -174,9 +179,9 @@ const (
 )
 
 // pauseIfUnaware pauses a destination that has not noticed the break (see unawareAfter).
-func (m *migration) pauseIfUnaware(ctx context.Context) error {
+func pauseIfUnaware(ctx context.Context, dst *qmp.Client, event func(typ, msg string)) error {
 	wctx, cancel := context.WithTimeout(ctx, unawareAfter)
-	st, err := waitState(wctx, m.dst, "postcopy-paused")
+	st, err := waitState(wctx, dst, "postcopy-paused")
 	cancel()
 	if err == nil || st != "postcopy-active" {
 		return nil // paused by itself, or a state waitState reports next
@@ -184,8 +189,8 @@ func (m *migration) pauseIfUnaware(ctx context.Context) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	m.event("recovery", fmt.Sprintf("the destination has not noticed the break after %v (its link went silent): pausing it with migrate-pause", unawareAfter))
-	if err := m.dst.MigratePause(ctx); err != nil && isGone(err) {
+	event("recovery", fmt.Sprintf("the destination has not noticed the break after %v (its link went silent): pausing it with migrate-pause", unawareAfter))
+	if err := dst.MigratePause(ctx); err != nil && isGone(err) {
 		return err
 	}
 	return nil

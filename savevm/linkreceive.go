@@ -63,6 +63,18 @@ type Receiver struct {
 	tailStart time.Time
 	tailFrom  int64
 	readyAt   time.Time
+
+	// Postcopy (feature postcopy, PROTOCOL.md §7): postcopy says the sender may send its
+	// commands; switched is set at PACKAGED, from when the guest runs on the destination. The
+	// destination's return path goes back to the sender (forwardReturnPath) until it closes
+	// (rpClosed); closing marks the destination connection as being closed or aborted here, so
+	// that the forwarder's read error is not taken for a break.
+	postcopy   bool
+	switched   atomic.Bool
+	rpClosed   chan struct{}
+	closing    atomic.Bool
+	firstStart time.Time
+	resumes    int
 }
 
 // NewReceiver prepares the engine for one link session writing to dst (the local destination
@@ -87,9 +99,28 @@ func NewReceiver(s *link.Session, dst io.WriteCloser, opt ReceiveOptions) *Recei
 // Phase is where the received migration is.
 func (r *Receiver) Phase() Phase { return r.phase.Load().(Phase) }
 
+// Started reports whether the migration has switched to postcopy: the guest then runs on the
+// destination, and a broken link is recovered (package migration), never undone.
+func (r *Receiver) Started() bool { return r.switched.Load() }
+
+// Resume continues a migration whose link broke during postcopy, on the recovery's new session
+// s and the destination's new connection dst (after migrate-recover). What the destination
+// holds carries over; the section the break cut is gone (the source asks for the received
+// bitmaps and sends the rest).
+func (r *Receiver) Resume(ctx context.Context, s *link.Session, dst io.WriteCloser) (Summary, error) {
+	r.s, r.dst = s, dst
+	r.inSection = false
+	r.resumes++
+	r.closing.Store(false)
+	return r.Run(ctx)
+}
+
 func (r *Receiver) setPhase(p Phase) {
 	if r.Phase() == p {
 		return
+	}
+	if r.switched.Load() && p != PhasePostcopy && p != PhaseDone {
+		return // after the switch the pages of postcopy's sections are still postcopy
 	}
 	r.phase.Store(p)
 	r.emit(Event{Type: "phase", Time: time.Now(), Side: "receiver", Phase: p, Transferred: r.bytesOut.Load(),
@@ -110,7 +141,19 @@ func (e *ReceiveError) Unwrap() error { return e.Err }
 // the peer is told why (ERROR) and the destination's connection is reset.
 func (r *Receiver) Run(ctx context.Context) (Summary, error) {
 	start := time.Now()
-	r.emit(Event{Type: "phase", Time: start, Side: "receiver", Phase: PhaseSetup})
+	if r.firstStart.IsZero() {
+		r.firstStart = start
+		r.emit(Event{Type: "phase", Time: start, Side: "receiver", Phase: PhaseSetup})
+	}
+	r.postcopy = link.HasFeature(r.s.Welcome.Features, link.FeaturePostcopy)
+	if r.postcopy {
+		rd, ok := r.dst.(io.Reader)
+		if !ok {
+			return r.summary(start), &ReceiveError{Local: true, Err: errors.New("postcopy needs a destination that answers on its connection (unix: or tcp:)")}
+		}
+		r.rpClosed = make(chan struct{})
+		go r.forwardReturnPath(rd, r.s, r.rpClosed)
+	}
 	r.sink = newAsyncSink(&countingWriter{w: r.dst, n: &r.bytesOut})
 	r.w = stream.NewWriter(r.sink)
 	r.dec = link.NewDecoder()
@@ -138,6 +181,7 @@ func (r *Receiver) Run(ctx context.Context) (Summary, error) {
 		if !errors.As(err, &rem) {
 			r.s.Abort(code, "receiver: "+err.Error())
 		}
+		r.closing.Store(true)
 		if a, ok := r.dst.(interface{ Abort() }); ok {
 			a.Abort()
 		} else {
@@ -153,7 +197,7 @@ func (r *Receiver) summary(start time.Time) Summary {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	sum := r.sum
-	sum.TotalTimeMs = time.Since(start).Milliseconds()
+	sum.TotalTimeMs = time.Since(r.firstStart).Milliseconds() // a resumed receiver counts from the first start
 	sum.BytesIn, sum.BytesOut = r.s.BytesReceived(), r.bytesOut.Load()
 	sum.NormalPages, sum.ZeroPages, sum.XBZRLEPages = r.normal.Load(), r.zero.Load(), r.xbzrle.Load()
 	sum.Link = &LinkSummary{Connections: r.s.Connections(), BytesOnLink: r.s.BytesReceived()}
@@ -203,7 +247,16 @@ func (r *Receiver) loop() error {
 			return err
 		}
 		if end != nil {
+			if r.switched.Load() {
+				return r.completePostcopy()
+			}
 			return r.complete(end)
+		}
+		if r.switched.Load() {
+			// Postcopy: the guest waits for requested pages; nothing stays buffered here.
+			if err := r.w.Flush(); err != nil {
+				return r.local(err)
+			}
 		}
 	}
 }
@@ -283,7 +336,10 @@ func (r *Receiver) apply(f link.Frame) (*link.End, error) {
 			return nil, frameErr(f, "a command inside a section")
 		}
 		if stream.Command(c.Cmd) != stream.CmdSwitchoverStart {
-			return nil, frameErr(f, "command %s is not carried by link protocol version 1", stream.Command(c.Cmd))
+			if !r.postcopy || !link.PostcopyCommand(c.Cmd) {
+				return nil, frameErr(f, "command %s is not carried by link protocol version 1 without the postcopy feature", stream.Command(c.Cmd))
+			}
+			return nil, r.local(r.w.WriteCommand(stream.Command(c.Cmd), c.Payload))
 		}
 		r.markStopped()
 		r.setPhase(PhaseComplete)
@@ -305,6 +361,27 @@ func (r *Receiver) apply(f link.Frame) (*link.End, error) {
 			r.setPhase(PhaseDevices)
 		}
 		return nil, r.local(r.w.WriteRaw(d.Data))
+	case link.FramePackaged:
+		p, err := link.ParsePackaged(f.Payload)
+		if err != nil {
+			return nil, err
+		}
+		if !r.postcopy || r.inSection || r.switched.Load() {
+			return nil, frameErr(f, "PACKAGED without the postcopy feature, inside a section, or twice")
+		}
+		if err := r.w.BeginPackage(); err != nil {
+			return nil, r.local(err)
+		}
+		if err := r.w.WriteRaw(p.Data); err != nil {
+			return nil, r.local(err)
+		}
+		if err := r.w.EndPackage(); err != nil {
+			return nil, r.local(err)
+		}
+		r.markStopped()
+		r.switched.Store(true)
+		r.setPhase(PhasePostcopy)
+		return nil, nil
 	case link.FrameEnd:
 		e, err := link.ParseEnd(f.Payload)
 		if err != nil {
@@ -481,6 +558,7 @@ func (r *Receiver) complete(e *link.End) error {
 	if err := r.w.Flush(); err != nil {
 		return r.local(err)
 	}
+	r.closing.Store(true)
 	if err := r.dst.Close(); err != nil {
 		return &ReceiveError{Local: true, Err: fmt.Errorf("finishing the stream: %w", err)}
 	}
@@ -503,6 +581,73 @@ func (r *Receiver) complete(e *link.End) error {
 		}
 	}
 	return nil
+}
+
+// completePostcopy ends a postcopy stream (PROTOCOL.md §7.1): END came after the source's EOF,
+// which is written at once — since the switch there is nothing to commit — and the writing
+// direction closed; the destination then sends SHUT and closes its return path, which the
+// forwarder passes on to the sender.
+func (r *Receiver) completePostcopy() error {
+	if err := r.w.WriteEOF(); err != nil {
+		return r.local(err)
+	}
+	if err := r.w.Flush(); err != nil {
+		return r.local(err)
+	}
+	if cw, ok := r.dst.(interface{ CloseWrite() error }); ok {
+		if err := cw.CloseWrite(); err != nil {
+			return &ReceiveError{Local: true, Err: fmt.Errorf("finishing the stream: %w", err)}
+		}
+	}
+	timer := time.NewTimer(postcopyShutTimeout)
+	defer timer.Stop()
+	select {
+	case <-r.rpClosed:
+	case <-r.s.Done():
+		return fmt.Errorf("waiting for the destination's SHUT: %w", orClosed(r.s.Err()))
+	case <-timer.C:
+		return &ReceiveError{Local: true, Err: fmt.Errorf("the destination did not finish within %v of the stream's end", postcopyShutTimeout)}
+	}
+	r.closing.Store(true)
+	r.dst.Close()
+	now := time.Now()
+	r.mu.Lock()
+	if !r.stoppedAt.IsZero() {
+		r.sum.DowntimeMs = now.Sub(r.stoppedAt).Milliseconds()
+	}
+	r.mu.Unlock()
+	return nil
+}
+
+// postcopyShutTimeout bounds the wait for the destination to finish after a postcopy stream's
+// end (the sender's wait for the SHUT is as long).
+const postcopyShutTimeout = 2 * time.Minute
+
+// forwardReturnPath passes what the destination sends back on its connection to the sender
+// (RETURN frames) until it closes it, then says so (an empty RETURN) and closes done. A read
+// error of a connection this side did not close breaks the session: in postcopy, a
+// destination that hangs up is a broken link to recover, or gone.
+func (r *Receiver) forwardReturnPath(rd io.Reader, s *link.Session, done chan struct{}) {
+	buf := make([]byte, link.MaxReturnChunk)
+	for {
+		n, err := rd.Read(buf)
+		if n > 0 {
+			if s.SendReturn(buf[:n]) != nil {
+				return
+			}
+		}
+		if err == io.EOF {
+			s.SendReturn(nil)
+			close(done)
+			return
+		}
+		if err != nil {
+			if !r.closing.Load() {
+				s.Abort(link.CodeDestination, fmt.Sprintf("the destination's connection broke: %v", err))
+			}
+			return
+		}
+	}
 }
 
 // SendStatus reports the destination's state after DELIVERED (receive --dst-qmp).

@@ -66,12 +66,30 @@ func NewLinkRelay(src io.ReadCloser, s *link.Session, ctl Control, opt Options, 
 	return r, nil
 }
 
+// ResumeLink continues a link relay whose link broke during postcopy (Resume): src is the
+// source's resumed migration, s the new session with the receiver, whose destination has been
+// told to recover.
+func (r *Relay) ResumeLink(ctx context.Context, src io.ReadCloser, s *link.Session) (Summary, error) {
+	prev, ok := r.out.(*linkOutput)
+	if !ok {
+		return Summary{}, errors.New("internal: ResumeLink on a relay that has no link")
+	}
+	base := r.linkBytes()
+	r.linkBytes = func() int64 { return base + s.BytesSent() }
+	r.newLinkOutput = func(*Relay) output { return prev.resumed(s) }
+	return r.Resume(ctx, src, linkAborter{s})
+}
+
 // linkAborter lets the relay's abort reach the link: the receiver then resets its QEMU.
 type linkAborter struct{ s *link.Session }
 
 func (a linkAborter) Write(p []byte) (int, error) { return 0, errors.New("not a stream destination") }
-func (a linkAborter) Close() error                { return nil }
-func (a linkAborter) Abort()                      { a.s.Abort(link.CodeSource, "the sending sidecar gave up") }
+
+// Read is the destination's return path as the receiver forwards it (RETURN frames, feature
+// postcopy): the engine bridges it to the source (postcopy.go).
+func (a linkAborter) Read(p []byte) (int, error) { return a.s.ReadReturn(p) }
+func (a linkAborter) Close() error               { return nil }
+func (a linkAborter) Abort()                     { a.s.Abort(link.CodeSource, "the sending sidecar gave up") }
 func (a linkAborter) Interrupt(why error) {
 	a.s.Abort(link.CodeCancelled, "the sending sidecar was interrupted ("+why.Error()+")")
 }
@@ -110,6 +128,18 @@ type linkOutput struct {
 	ended   bool // END is out
 	// delivered is the receiver's DELIVERED.
 	delivered link.Delivered
+
+	// Postcopy (feature postcopy, PROTOCOL.md §7): postcopy says the receiver takes the
+	// postcopy commands; switched is set at the switch (RAM_DISCARD or PACKAGED), from when the
+	// destination drops the pages it is told to and gets every page the source sends, so none
+	// is left out for being held already, and each batch goes out as soon as the source's
+	// input pauses (a requested page must not wait for a batch to fill). pkg collects the
+	// PACKAGED command's nested stream.
+	postcopy bool
+	switched bool
+	inPkg    bool
+	pkgW     *stream.Writer
+	pkgBuf   devBuffer
 
 	// Device state, collected into DEVICE frames.
 	devW    *stream.Writer
@@ -163,6 +193,8 @@ func newLinkOutput(r *Relay, s *link.Session, chooser *link.Chooser, lo LinkOpti
 		}
 	})
 	o.devW = stream.NewWriter(&o.devBuf, stream.WithBatchSize(devFrameSize))
+	o.pkgW = stream.NewWriter(&o.pkgBuf)
+	o.postcopy = link.HasFeature(s.Welcome.Features, link.FeaturePostcopy)
 	for i := 0; i < lo.Workers; i++ {
 		o.wg.Add(1)
 		go o.encode()
@@ -173,11 +205,63 @@ func newLinkOutput(r *Relay, s *link.Session, chooser *link.Chooser, lo LinkOpti
 }
 
 func (o *linkOutput) written() int64        { return o.s.BytesSent() }
-func (o *linkOutput) beforeRead()           {}
 func (o *linkOutput) tailData([]byte)       {}
 func (o *linkOutput) attach(*stream.Reader) {}
+
+// beforeRead runs when the source's input is about to wait: after the switch to postcopy the
+// batch goes out now (a send error shows at the next record).
+func (o *linkOutput) beforeRead() {
+	if o.switched && !o.inPkg {
+		o.flushBatch()
+	}
+}
+
+// finishWrite ends a postcopy stream (PROTOCOL.md §7.1): everything up to the source's EOF,
+// then END without a vmdesc, all on the link. There is no COMMIT: since the switch the guest
+// runs on the destination, whose SHUT on the return path says it has everything.
 func (o *linkOutput) finishWrite() error {
-	return errors.New("link: postcopy over the link is not supported yet")
+	if !o.switched || o.inPkg {
+		return errors.New("link: the postcopy stream ended before its switch or inside its package")
+	}
+	if err := o.flushBatch(); err != nil {
+		return err
+	}
+	if err := o.flushDevice(); err != nil {
+		return err
+	}
+	if err := o.submit(link.End{Seq: o.next()}.Append(small(16))); err != nil {
+		return err
+	}
+	o.closeWorkers()
+	if err := o.err(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), o.lo.CompleteTimeout)
+	defer cancel()
+	if err := o.s.Drain(ctx); err != nil {
+		return &DestinationError{Err: fmt.Errorf("sending the last frames: %w", err)}
+	}
+	o.r.mu.Lock()
+	o.r.sum.Link = o.summary()
+	o.r.mu.Unlock()
+	return nil
+}
+
+// resumed is the output of a postcopy recovery on the new session s: what the destination
+// holds (the blocks, the header) carries over; sequence numbers start again (PROTOCOL.md §7.2).
+// The batch and any section the break cut are gone: the received bitmaps tell the source what
+// to send again.
+func (o *linkOutput) resumed(s *link.Session) *linkOutput {
+	n := newLinkOutput(o.r, s, o.chooser, o.lo)
+	n.hdr, n.blocks, n.held, n.seed, n.zero = o.hdr, o.blocks, o.held, o.seed, o.zero
+	n.switched = o.switched
+	n.stats.skipped.Store(o.stats.skipped.Load())
+	n.stats.zeroSkipped.Store(o.stats.zeroSkipped.Load())
+	n.stats.pageBytes.Store(o.stats.pageBytes.Load())
+	for i := range o.stats.frames {
+		n.stats.frames[i].Store(o.stats.frames[i].Load())
+	}
+	return n
 }
 
 func (o *linkOutput) buf() []byte {
@@ -284,9 +368,14 @@ func (o *linkOutput) flushBatch() error {
 
 func (o *linkOutput) handle(rec *stream.Record) error {
 	if rec.Depth != 0 {
-		return fmt.Errorf("link: PACKAGED (postcopy) streams cannot be sent over the link yet (offset %d)", rec.Offset)
+		if !o.inPkg || rec.Depth != 1 {
+			return fmt.Errorf("link: a nested record at offset %d outside the package of the postcopy switch", rec.Offset)
+		}
+		return o.pkgW.WriteRecord(rec)
 	}
 	switch rec.Kind {
+	case stream.KindPackageEnd:
+		return o.endPackage(rec)
 	case stream.KindHeader:
 		o.hdr.magic, o.hdr.version = rec.Magic, rec.Version
 		return nil
@@ -322,11 +411,18 @@ func (o *linkOutput) handle(rec *stream.Record) error {
 		if err := o.flushBatch(); err != nil {
 			return err
 		}
-		switch rec.Cmd {
-		case stream.CmdSwitchoverStart:
+		switch {
+		case rec.Cmd == stream.CmdPackaged && o.postcopy:
+			o.switched, o.inPkg = true, true
+			o.pkgBuf.b = o.pkgBuf.b[:0]
+			return nil
+		case rec.Cmd == stream.CmdSwitchoverStart || (o.postcopy && link.PostcopyCommand(uint16(rec.Cmd))):
+			if rec.Cmd == stream.CmdPostcopyRAMDiscard {
+				o.switched = true // the destination drops these pages: they must all come again
+			}
 			return o.submit(link.Command{Seq: o.next(), Cmd: uint16(rec.Cmd), Payload: rec.Payload}.Append(small(len(rec.Payload) + 16)))
 		}
-		return fmt.Errorf("link: command %s at offset %d cannot be sent over the link yet", rec.Cmd, rec.Offset)
+		return fmt.Errorf("link: command %s at offset %d cannot be sent over the link (postcopy commands need --postcopy)", rec.Cmd, rec.Offset)
 	case stream.KindEOF:
 		return o.flushDevice()
 	case stream.KindVMDesc:
@@ -370,7 +466,7 @@ func (o *linkOutput) ram(rec *stream.Record) error {
 		if err != nil {
 			return err
 		}
-		if o.holds(b, idx, o.zero) {
+		if !o.switched && o.holds(b, idx, o.zero) {
 			o.stats.zeroSkipped.Add(1)
 			return nil
 		}
@@ -402,7 +498,7 @@ func (o *linkOutput) page(block string, off uint64, data []byte) error {
 	if err != nil {
 		return err
 	}
-	if o.holds(b, idx, xxh3.Hash128Seed(data, o.seed)) {
+	if !o.switched && o.holds(b, idx, xxh3.Hash128Seed(data, o.seed)) {
 		o.stats.skipped.Add(1)
 		return nil
 	}
@@ -476,6 +572,26 @@ func (o *linkOutput) memSize(rec *stream.Record) error {
 			HasPageSize: b.HasPageSize, PageSize: b.PageSize, HasGPA: b.HasGPA, GPA: b.GPA})
 	}
 	return o.submit(ms.Append(small(64 * len(ms.Blocks))))
+}
+
+// endPackage sends the PACKAGED command's nested stream, as the source made it, in one
+// PACKAGED frame.
+func (o *linkOutput) endPackage(rec *stream.Record) error {
+	if !o.inPkg {
+		return fmt.Errorf("link: the end of a package at offset %d that the link did not open", rec.Offset)
+	}
+	o.inPkg = false
+	if err := o.pkgW.Flush(); err != nil {
+		return err
+	}
+	data := o.pkgBuf.b
+	if len(data) > link.MaxPackagedPayload-8 {
+		return fmt.Errorf("link: a package of %d bytes at offset %d (at most %d)", len(data), rec.Offset, link.MaxPackagedPayload-8)
+	}
+	b := append(link.AppendPackagedHeader(make([]byte, 0, len(data)+link.HeaderSize+8), o.next()), data...)
+	link.SetHeaderLength(b)
+	o.pkgBuf.b = nil // the frame's buffer is b; the package is sent once
+	return o.submit(b)
 }
 
 // device adds a record of the device tail (a FULL section or its footer) to the DEVICE frame
@@ -595,7 +711,7 @@ func (o *linkOutput) await(t link.FrameType, timeout time.Duration) (link.Frame,
 }
 
 func (o *linkOutput) summary() *LinkSummary {
-	ls := &LinkSummary{Connections: o.s.Connections(), BytesOnLink: o.s.BytesSent(),
+	ls := &LinkSummary{Connections: o.s.Connections(), BytesOnLink: o.r.transferred(),
 		PagesSkipped: o.stats.skipped.Load(), ZeroSkipped: o.stats.zeroSkipped.Load(),
 		PageBytes: o.stats.pageBytes.Load(), Frames: map[string]int64{}}
 	for c := range o.stats.frames {

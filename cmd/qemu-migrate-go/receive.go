@@ -27,6 +27,7 @@ func receiveCommand() *cli.Command {
 			&cli.StringFlag{Name: "to", Usage: "the local destination QEMU's -incoming: unix:PATH, tcp:127.0.0.1:PORT, or file:PATH"},
 			&cli.StringFlag{Name: "dst-qmp", Usage: "QMP unix socket of the destination QEMU: its state is checked before and reported after"},
 			&cli.DurationFlag{Name: "stall-timeout", Value: 30 * time.Second, Usage: "give up when no data arrives for this long"},
+			&cli.DurationFlag{Name: "recover-timeout", Value: migration.DefaultRecoverTimeout, Usage: "when the sender asked for --postcopy: how long to keep trying to repair a link that broke during postcopy"},
 			&cli.BoolFlag{Name: "json", Usage: "write JSON-lines events to stdout (README \"JSON events\"), the first a listening event"},
 			&cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "no progress display, only errors"},
 		}, linkFlags(true)...),
@@ -59,7 +60,7 @@ func runReceive(c *cli.Context) error {
 	ui := newProgress(c.Bool("json"), c.Bool("quiet"))
 	sum, err := migration.Receive(c.Context, migration.ReceiveOptions{
 		Listen: listen, To: to, DstQMP: c.String("dst-qmp"), TLS: linkTLS(c), NoTLS: c.Bool("no-tls"),
-		Timeout: c.Duration("link-timeout"), StallTimeout: c.Duration("stall-timeout"),
+		Timeout: c.Duration("link-timeout"), StallTimeout: c.Duration("stall-timeout"), RecoverTimeout: c.Duration("recover-timeout"),
 		Events: ui.event, Warn: ui.warn,
 		Listening: func(addr string) {
 			ui.event(savevm.Event{Type: "listening", Time: time.Now(), Message: "tcp:" + addr})
