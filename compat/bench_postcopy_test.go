@@ -14,13 +14,17 @@ import (
 
 // TestBenchPostcopy (issue 11): a guest that does not converge in precopy — the dirty guest
 // rewrites ~99 MiB over and over, the source capped at 20 MB/s — moved by QEMU's own postcopy
-// (migrate-start-postcopy after the first pass) and by the sidecar's (--postcopy-after 1), the
-// destination running (it asks for the pages its guest touches), interleaved for
-// QMG_BENCH_RUNS rounds (default 3). First a watch that QEMU's own precopy indeed does not
-// finish within QMG_BENCH_WATCH (default 60 s); last the recovery timing: the link to the
-// destination stalled and its connections reset during postcopy, healed 3 s later.
+// (migrate-start-postcopy after the first pass), by the sidecar's (--postcopy-after 1) and by a
+// pair of sidecars over a link with mutual TLS (on loopback), the destination running (it asks
+// for the pages its guest touches), interleaved for QMG_BENCH_RUNS rounds (default 3). First a
+// watch that QEMU's own precopy indeed does not finish within QMG_BENCH_WATCH (default 60 s);
+// last the recovery timings, relay and link: the network to the destination's host stalled and
+// its connections reset during postcopy, healed 3 s later.
 //
 //	QMG_BENCH=1 go test -count=1 -run TestBenchPostcopy -v ./compat/
+//
+// QMG_BENCH_MODES picks the modes (default qemu,sidecar,pair); QMG_BENCH_PAIR_ARGS adds sender
+// options in pair mode.
 func TestBenchPostcopy(t *testing.T) {
 	if os.Getenv("QMG_BENCH") == "" {
 		t.Skip("set QMG_BENCH=1 (make bench) to run the postcopy benchmark")
@@ -63,9 +67,13 @@ func TestBenchPostcopy(t *testing.T) {
 	})
 
 	res := map[string][]pcRun{}
+	modes := []string{"qemu", "sidecar", "pair"}
+	if v := os.Getenv("QMG_BENCH_MODES"); v != "" {
+		modes = strings.Split(v, ",") // qemu must stay first: the ratios are to it
+	}
 	for round := 0; round < runs; round++ {
-		for i := range 2 {
-			mode := []string{"qemu", "sidecar"}[(i+round)%2] // a different one first each round
+		for i := range modes {
+			mode := modes[(i+round)%len(modes)] // a different one first each round
 			t.Run(fmt.Sprintf("%s/%d", mode, round), func(t *testing.T) {
 				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 				defer cancel()
@@ -77,7 +85,19 @@ func TestBenchPostcopy(t *testing.T) {
 				if mode == "qemu" {
 					r = qemuPostcopy(t, ctx, src, dst, uri, bw)
 				} else {
-					proc := startSidecar(t, nil, postcopyArgs(src, dst, uri)...)
+					var proc *sidecarProc
+					if mode == "sidecar" {
+						proc = startSidecar(t, nil, postcopyArgs(src, dst, uri)...)
+					} else {
+						ends, _ := loopEnds(t)
+						recv, send := startLinkPostcopy(t, ctx, ends, NewTestPKI(t, "127.0.0.1"), src, dst, uri, nil, nil, strings.Fields(os.Getenv("QMG_BENCH_PAIR_ARGS"))...)
+						defer func() {
+							if code, _, stderr := recv.wait(t, 3*time.Minute); code != 0 {
+								t.Errorf("receiver exit %d: %s", code, stderr)
+							}
+						}()
+						proc = send
+					}
 					code, _, stderr := proc.wait(t, 3*time.Minute)
 					if code != 0 {
 						t.Fatalf("exit %d: %s", code, stderr)
@@ -85,6 +105,9 @@ func TestBenchPostcopy(t *testing.T) {
 					sum := summaryOf(proc)
 					if sum == nil || sum.Postcopy == nil || !sum.Postcopy.Started {
 						t.Fatalf("no postcopy: %+v", sum)
+					}
+					if sum.Link != nil {
+						t.Logf("link: %d connections, frames %v, %d B of pages", sum.Link.Connections, sum.Link.Frames, sum.Link.PageBytes)
 					}
 					r = pcRun{total: time.Duration(sum.TotalTimeMs) * time.Millisecond, postcopy: time.Duration(sum.Postcopy.PostcopyMs) * time.Millisecond,
 						bytes: sum.BytesOut, requests: sum.Postcopy.Requests, inFlight: sum.Postcopy.InFlight, p50: sum.Postcopy.LatencyP50Us, p99: sum.Postcopy.LatencyP99Us}
@@ -103,37 +126,33 @@ func TestBenchPostcopy(t *testing.T) {
 		return v[len(v)/2]
 	}
 	q0 := res["qemu"]
-	for _, mode := range []string{"qemu", "sidecar"} {
+	for _, mode := range modes {
 		rs := res[mode]
 		tot := med(rs, func(r pcRun) int64 { return r.total.Milliseconds() })
 		row := fmt.Sprintf("%-8s | %6d (%.2f) | %6d | %5.1f | %6d (%.2f)", mode, tot, float64(tot)/float64(max(1, med(q0, func(r pcRun) int64 { return r.total.Milliseconds() }))),
 			med(rs, func(r pcRun) int64 { return r.postcopy.Milliseconds() }), float64(med(rs, func(r pcRun) int64 { return r.bytes }))/1e6,
 			med(rs, func(r pcRun) int64 { return r.blocktime }), float64(med(rs, func(r pcRun) int64 { return r.blocktime }))/float64(max(1, med(q0, func(r pcRun) int64 { return r.blocktime }))))
-		if mode == "sidecar" {
+		if mode != "qemu" {
 			row += fmt.Sprintf(" | %d (%d in flight) | %d / %d", med(rs, func(r pcRun) int64 { return r.requests }), med(rs, func(r pcRun) int64 { return r.inFlight }),
 				med(rs, func(r pcRun) int64 { return r.p50 }), med(rs, func(r pcRun) int64 { return r.p99 }))
 		}
 		report = append(report, row)
 	}
 
-	var recov []time.Duration
+	recov := map[bool][]string{}
 	for round := 0; round < runs; round++ {
-		t.Run(fmt.Sprintf("recover/%d", round), func(t *testing.T) {
-			d, ok := recoveryAfterHeal(t, q, 3*time.Second)
-			if ok {
-				recov = append(recov, d)
-			}
-		})
-	}
-	rv := sorted(recov, func(d time.Duration) time.Duration { return d })
-	var rs []string
-	for _, d := range rv {
-		rs = append(rs, d.Round(time.Millisecond).String())
+		for _, overLink := range []bool{false, true} {
+			t.Run(fmt.Sprintf("recover-%s/%d", map[bool]string{false: "relay", true: "link"}[overLink], round), func(t *testing.T) {
+				if d, ok := recoveryAfterHeal(t, q, 3*time.Second, overLink); ok {
+					recov[overLink] = append(recov[overLink], d.Round(time.Millisecond).String())
+				}
+			})
+		}
 	}
 	t.Logf("\npostcopy, QEMU 10.0 → 10.0, dirty guest (128 MiB, ~99 MiB rewritten continuously), source capped at 20 MB/s, destination running; medians of %d interleaved rounds\n%s\n"+
-		"mode     | total ms (ratio) | in postcopy ms | MB sent | dst blocktime ms (ratio) | requests | sidecar latency p50 / p99 µs\n%s\n"+
-		"recovery: link stalled and its connections reset during postcopy, healed 3 s later; from the heal until both sides were connected again: %s",
-		runs, report[0], strings.Join(report[1:], "\n"), strings.Join(rs, ", "))
+		"mode     | total ms (ratio) | in postcopy ms | MB sent (pair: on the link) | dst blocktime ms (ratio) | requests | sidecar latency p50 / p99 µs\n%s\n"+
+		"recovery: the network to the destination's host stalled and its connections reset during postcopy, healed 3 s later; from the heal until both sides were connected again: relay %s; pair of sidecars %s",
+		runs, report[0], strings.Join(report[1:], "\n"), strings.Join(recov[false], ", "), strings.Join(recov[true], ", "))
 }
 
 // pcRun is one postcopy migration's figures.
@@ -203,21 +222,40 @@ func destinationBlocktime(t *testing.T, ctx context.Context, dst *VM) int64 {
 	return *out.Blocktime
 }
 
-// recoveryAfterHeal runs the sidecar's postcopy across a NetPair (the sidecar on the source
-// host, the destination QEMU on the other), stalls the link and resets its connections during
+// recoveryAfterHeal runs the sidecar's postcopy across a NetPair — the relay on the source host
+// and the destination QEMU on the other, or overLink a pair of sidecars with mutual TLS, the
+// receiver on the destination's host —, stalls the network and resets its connections during
 // postcopy, heals it after down, and returns how long after the heal both sides were connected
 // again.
-func recoveryAfterHeal(t *testing.T, q QEMU, down time.Duration) (time.Duration, bool) {
+func recoveryAfterHeal(t *testing.T, q QEMU, down time.Duration, overLink bool) (time.Duration, bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	np, src, dst, uri := postcopyNetPair(t, ctx, q)
+	var (
+		np       *NetPair
+		src, dst *VM
+		uri      string
+		ends     linkEnds
+	)
+	if overLink {
+		np = NewNetPair(t, NetOptions{})
+		uri = fmt.Sprintf("tcp:127.0.0.1:%d", np.NextPort()) // the receiver's destination is on its own host
+		dst = StartVM(t, VMConfig{Name: "dst", QEMU: q, Disk: GuestDirty(), Incoming: uri, Netns: np.Dst.Name})
+		src = StartVM(t, VMConfig{Name: "src", QEMU: q, Disk: GuestDirty()})
+		if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
+			t.Fatal(err)
+		}
+		a := strings.TrimPrefix(np.DstTCP(np.NextPort()), "tcp:")
+		ends = linkEnds{listen: a, dial: a, srcNS: np.Src.Name, dstNS: np.Dst.Name}
+	} else {
+		np, src, dst, uri = postcopyNetPair(t, ctx, q)
+	}
 	var (
 		mu     sync.Mutex
 		healed time.Time
 		once   sync.Once
 		clock  eventClock
 	)
-	proc := startSidecarIn(t, np.Src.Name, func(p *sidecarProc, e savevm.Event) {
+	hook := func(p *sidecarProc, e savevm.Event) {
 		if e.Type == "phase" && e.Phase == savevm.PhasePostcopy {
 			once.Do(func() {
 				go func() {
@@ -239,8 +277,16 @@ func recoveryAfterHeal(t *testing.T, q QEMU, down time.Duration) (time.Duration,
 			})
 		}
 		clock.watch(e, "connected again")
-	}, postcopyArgs(src, dst, uri, "--postcopy-bandwidth", "8000000")...)
-	waitRecovered(t, proc)
+	}
+	if overLink {
+		recv, send := startLinkPostcopy(t, ctx, ends, NewTestPKI(t, np.Dst.Addr.String()), src, dst, uri, hook, nil, "--postcopy-bandwidth", "8000000")
+		waitRecovered(t, send)
+		if code, _, stderr := recv.wait(t, 3*time.Minute); code != 0 {
+			t.Errorf("receiver exit %d: %s", code, stderr)
+		}
+	} else {
+		waitRecovered(t, startSidecarIn(t, np.Src.Name, hook, postcopyArgs(src, dst, uri, "--postcopy-bandwidth", "8000000")...))
+	}
 	checkRunningGuest(t, ctx, dst)
 	joined := clock.at("connected again")
 	mu.Lock()

@@ -59,14 +59,15 @@ func loopEnds(t *testing.T) (linkEnds, string) {
 	return linkEnds{listen: a, dial: a}, fmt.Sprint(port)
 }
 
-// startLinkPostcopy starts a receiver and a sender of a postcopy over ends, the destination
-// running (it asks for the pages its guest touches); on gets the sender's events.
-func startLinkPostcopy(t *testing.T, ctx context.Context, ends linkEnds, src, dst *VM, uri string, on func(*sidecarProc, savevm.Event), recvOn func(*sidecarProc, savevm.Event)) (recv, send *sidecarProc) {
+// startLinkPostcopy starts a receiver and a sender of a postcopy over ends (TLS from pki, or
+// --no-tls when it is nil), the destination running (it asks for the pages its guest touches);
+// on gets the sender's events, recvOn the receiver's.
+func startLinkPostcopy(t *testing.T, ctx context.Context, ends linkEnds, pki *TestPKI, src, dst *VM, uri string, on, recvOn func(*sidecarProc, savevm.Event), extra ...string) (recv, send *sidecarProc) {
 	t.Helper()
-	recv = startSidecarIn(t, ends.dstNS, recvOn, "receive", "--listen", "tcp:"+ends.listen, "--json", "--to", uri, "--dst-qmp", dst.SidecarQMP, "--no-tls")
+	rargs, sargs := linkArgs(ends, pki, src, dst, uri)
+	recv = startSidecarIn(t, ends.dstNS, recvOn, append([]string{"receive", "--listen", "tcp:" + ends.listen, "--json"}, rargs...)...)
 	waitListening(t, ctx, recv)
-	send = startSidecarIn(t, ends.srcNS, on, append([]string{"--qmp", src.SidecarQMP, "--to", "qmg://" + ends.dial, "--json", "--no-tls"},
-		linkPostcopyArgs("--postcopy-bandwidth", "8000000")...)...)
+	send = startSidecarIn(t, ends.srcNS, on, append(sargs, linkPostcopyArgs(extra...)...)...)
 	return recv, send
 }
 
@@ -100,10 +101,10 @@ func TestLinkPostcopyRecover(t *testing.T) {
 				}()
 			})
 			interrupt := atPhase(savevm.PhasePostcopy, func(p *sidecarProc) { p.cmd.Process.Signal(syscall.SIGINT) })
-			recv, send := startLinkPostcopy(t, ctx, ends, src, dst, uri, func(p *sidecarProc, e savevm.Event) {
+			recv, send := startLinkPostcopy(t, ctx, ends, nil, src, dst, uri, func(p *sidecarProc, e savevm.Event) {
 				cutter(p, e)
 				clock.watch(e, "connected again")
-			}, interrupt)
+			}, interrupt, "--postcopy-bandwidth", "8000000")
 			sum, wall := waitRecovered(t, send)
 			code, _, stderr := recv.wait(t, 3*time.Minute)
 			if code != 0 {
@@ -134,12 +135,12 @@ func TestLinkPostcopyDestinationKilled(t *testing.T) {
 	q := requireQEMU(t, "10.0")
 	src, dst, uri := postcopyPair(t, ctx, q, q)
 	ends, _ := loopEnds(t)
-	recv, send := startLinkPostcopy(t, ctx, ends, src, dst, uri, atPhase(savevm.PhasePostcopy, func(*sidecarProc) {
+	recv, send := startLinkPostcopy(t, ctx, ends, nil, src, dst, uri, atPhase(savevm.PhasePostcopy, func(*sidecarProc) {
 		go func() {
 			time.Sleep(300 * time.Millisecond)
 			syscall.Kill(dst.PID, syscall.SIGKILL)
 		}()
-	}), nil)
+	}), nil, "--postcopy-bandwidth", "8000000")
 	code, wall, stderr := send.wait(t, time.Minute)
 	msg := oneLine(t, stderr, "gone", "never `cont` the source")
 	if code != 4 {

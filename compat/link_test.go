@@ -57,20 +57,26 @@ func startReceiver(t *testing.T, ctx context.Context, ends linkEnds, args ...str
 // sender (from the source's QMP), with TLS from pki unless it is nil (then --no-tls on both).
 func migrateOverLink(t *testing.T, ctx context.Context, ends linkEnds, pki *TestPKI, src, dst *VM, uri string, sendArgs ...string) pairRun {
 	t.Helper()
-	rargs := []string{"--to", uri, "--dst-qmp", dst.SidecarQMP}
-	sargs := []string{"--qmp", src.SidecarQMP, "--to", "qmg://" + ends.dial, "--json"}
-	if pki == nil {
-		rargs, sargs = append(rargs, "--no-tls"), append(sargs, "--no-tls")
-	} else {
-		rargs = append(rargs, "--tls-cert", pki.Server.CertFile, "--tls-key", pki.Server.KeyFile, "--tls-ca", pki.CA.CertFile)
-		sargs = append(sargs, "--tls-cert", pki.Client.CertFile, "--tls-key", pki.Client.KeyFile, "--tls-ca", pki.CA.CertFile)
-	}
+	rargs, sargs := linkArgs(ends, pki, src, dst, uri)
 	var r pairRun
 	r.recv = startReceiver(t, ctx, ends, rargs...)
 	r.send = startSidecarIn(t, ends.srcNS, nil, append(sargs, sendArgs...)...)
 	r.sendCode, r.sendWall, r.sendErr = r.send.wait(t, 3*time.Minute)
 	r.recvCode, r.recvWall, r.recvErr = r.recv.wait(t, 3*time.Minute) // from its start: it lives as long as the sender
 	return r
+}
+
+// linkArgs are the flags of receive (towards the destination's -incoming uri, with its QMP) and
+// of the sender (from the source's QMP), with TLS from pki unless it is nil (then --no-tls).
+func linkArgs(ends linkEnds, pki *TestPKI, src, dst *VM, uri string) (rargs, sargs []string) {
+	rargs = []string{"--to", uri, "--dst-qmp", dst.SidecarQMP}
+	sargs = []string{"--qmp", src.SidecarQMP, "--to", "qmg://" + ends.dial, "--json"}
+	if pki == nil {
+		return append(rargs, "--no-tls"), append(sargs, "--no-tls")
+	}
+	rargs = append(rargs, "--tls-cert", pki.Server.CertFile, "--tls-key", pki.Server.KeyFile, "--tls-ca", pki.CA.CertFile)
+	sargs = append(sargs, "--tls-cert", pki.Client.CertFile, "--tls-key", pki.Client.KeyFile, "--tls-ca", pki.CA.CertFile)
+	return rargs, sargs
 }
 
 // summaryOf returns the summary event a run wrote, if any.

@@ -646,6 +646,19 @@ func (s *Session) waitBandwidth(n int) error {
 	return nil
 }
 
+// SetBandwidth changes the cap of a session made with one (Config.Bandwidth); 0 lifts it. A
+// postcopy's link follows --postcopy-bandwidth after the switch, as the source does.
+func (s *Session) SetBandwidth(bps int64) {
+	if s.lim == nil {
+		return
+	}
+	if bps <= 0 {
+		s.lim.SetLimit(rate.Inf)
+		return
+	}
+	s.lim.SetLimit(rate.Limit(bps))
+}
+
 // Drain waits until every queued data frame has been handed to its connection.
 func (s *Session) Drain(ctx context.Context) error {
 	for len(s.out) > 0 {
@@ -963,6 +976,15 @@ func (s *Session) NextData(deadline time.Time) (Frame, error) {
 		}
 		s.rcond.Wait()
 	}
+}
+
+// DataWaiting reports whether the next data frame in sequence order has arrived (NextData
+// would not wait).
+func (s *Session) DataWaiting() bool {
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	_, ok := s.pending[s.next]
+	return ok
 }
 
 // ReleaseData gives a frame's payload back for reuse.

@@ -29,10 +29,6 @@ import (
 // with ERROR 3) and both report the state of their side and what to do; the source is never
 // resumed.
 
-// linkRedialTimeout bounds one attempt to reach the receiver again: TCP, TLS, and the
-// receiver connecting its destination before WELCOME.
-const linkRedialTimeout = 5 * time.Second
-
 // recoverLinkOnce is one attempt of the sending end.
 func (m *migration) recoverLinkOnce(ctx context.Context, deadline time.Time) error {
 	qctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -50,7 +46,9 @@ func (m *migration) recoverLinkOnce(ctx context.Context, deadline time.Time) err
 	}
 	hello := link.Hello{Connections: m.o.Link.connections(), Compress: link.CodecNames(), Sidecar: Version,
 		Features: []string{link.FeaturePostcopy}, Resume: m.session.Token()}
-	dctx, dcancel := context.WithTimeout(ctx, min(linkRedialTimeout, time.Until(deadline)))
+	// One attempt — TCP, TLS, the receiver connecting its destination before WELCOME — within
+	// redialTimeout, as in relay mode: a link that comes back is reached within 1.5 s.
+	dctx, dcancel := context.WithTimeout(ctx, min(redialTimeout, time.Until(deadline)))
 	defer dcancel()
 	s, err := link.Dial(dctx, m.o.To.Addr, cfg, hello)
 	if err != nil {

@@ -252,9 +252,10 @@ func (r *Receiver) loop() error {
 			}
 			return r.complete(end)
 		}
-		if r.switched.Load() {
-			// Postcopy: the guest waits for requested pages; nothing stays buffered here.
-			if err := r.w.Flush(); err != nil {
+		if r.switched.Load() && !r.s.DataWaiting() {
+			// Postcopy: the guest may wait for a page of this frame, so nothing stays buffered
+			// once no next frame is there to apply; the write overlaps with the next frame.
+			if err := r.w.Push(); err != nil {
 				return r.local(err)
 			}
 		}

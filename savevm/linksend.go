@@ -172,9 +172,12 @@ type slot struct {
 // compress no better), device state in frames of 256 KiB. With the queues below, what is in
 // flight stays a few MiB whatever the guest size.
 const (
-	batchBytes   = 256 << 10
-	devFrameSize = 256 << 10
-	bigBuf       = batchBytes + 16<<10
+	batchBytes = 256 << 10
+	// postcopyBatchBytes: after the switch a requested page waits behind every frame queued
+	// before it (QueueFrames, and the connections' unsent bytes), so frames are smaller.
+	postcopyBatchBytes = 64 << 10
+	devFrameSize       = 256 << 10
+	bigBuf             = batchBytes + 16<<10
 )
 
 func defaultWorkers() int { return max(1, min(4, runtime.GOMAXPROCS(0))) }
@@ -254,7 +257,9 @@ func (o *linkOutput) finishWrite() error {
 func (o *linkOutput) resumed(s *link.Session) *linkOutput {
 	n := newLinkOutput(o.r, s, o.chooser, o.lo)
 	n.hdr, n.blocks, n.held, n.seed, n.zero = o.hdr, o.blocks, o.held, o.seed, o.zero
-	n.switched = o.switched
+	if o.switched {
+		n.toPostcopy()
+	}
 	n.stats.skipped.Store(o.stats.skipped.Load())
 	n.stats.zeroSkipped.Store(o.stats.zeroSkipped.Load())
 	n.stats.pageBytes.Store(o.stats.pageBytes.Load())
@@ -413,12 +418,13 @@ func (o *linkOutput) handle(rec *stream.Record) error {
 		}
 		switch {
 		case rec.Cmd == stream.CmdPackaged && o.postcopy:
-			o.switched, o.inPkg = true, true
+			o.toPostcopy()
+			o.inPkg = true
 			o.pkgBuf.b = o.pkgBuf.b[:0]
 			return nil
 		case rec.Cmd == stream.CmdSwitchoverStart || (o.postcopy && link.PostcopyCommand(uint16(rec.Cmd))):
 			if rec.Cmd == stream.CmdPostcopyRAMDiscard {
-				o.switched = true // the destination drops these pages: they must all come again
+				o.toPostcopy() // the destination drops these pages: they must all come again
 			}
 			return o.submit(link.Command{Seq: o.next(), Cmd: uint16(rec.Cmd), Payload: rec.Payload}.Append(small(len(rec.Payload) + 16)))
 		}
@@ -539,7 +545,11 @@ func (o *linkOutput) target(block string, off uint64) (int, uint64, error) {
 // batchFor returns the batch being filled for block b, sending the current one first when it
 // is for another block or full.
 func (o *linkOutput) batchFor(b int) (*slot, error) {
-	if sl := o.batch; sl != nil && (int(sl.batch.Block) != b || sl.batch.Full() || len(sl.batch.Data) >= batchBytes) {
+	limit := batchBytes
+	if o.switched {
+		limit = postcopyBatchBytes
+	}
+	if sl := o.batch; sl != nil && (int(sl.batch.Block) != b || sl.batch.Full() || len(sl.batch.Data) >= limit) {
 		if err := o.flushBatch(); err != nil {
 			return nil, err
 		}
@@ -572,6 +582,15 @@ func (o *linkOutput) memSize(rec *stream.Record) error {
 			HasPageSize: b.HasPageSize, PageSize: b.PageSize, HasGPA: b.HasGPA, GPA: b.GPA})
 	}
 	return o.submit(ms.Append(small(64 * len(ms.Blocks))))
+}
+
+// toPostcopy is the switch to postcopy as the link sees it: from now on every page goes, and the
+// link's cap is --postcopy-bandwidth's, as the source's is (Hold).
+func (o *linkOutput) toPostcopy() {
+	if !o.switched {
+		o.switched = true
+		o.s.SetBandwidth(o.r.opt.Policy.PostcopyBandwidth)
+	}
 }
 
 // endPackage sends the PACKAGED command's nested stream, as the source made it, in one

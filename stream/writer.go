@@ -138,6 +138,21 @@ func (w *Writer) Flush() error {
 	return w.err
 }
 
+// Push hands the buffered bytes to the underlying writer like Flush, but does not wait for a
+// BatchSink to have written them: the next record is encoded while they go out (a receiver in
+// postcopy, where nothing may stay buffered, but the writes should still overlap). It fails
+// while a package is open.
+func (w *Writer) Push() error {
+	if w.err != nil {
+		return w.err
+	}
+	if len(w.pkgs) > 0 {
+		return encErr("Push with %d PACKAGED command(s) open", len(w.pkgs))
+	}
+	w.flushBuf()
+	return w.err
+}
+
 // WriteRaw writes b verbatim (for example the exact device tail a relay forwards). Large
 // slices go straight to the underlying writer when nothing is buffered.
 func (w *Writer) WriteRaw(b []byte) error {
