@@ -107,7 +107,7 @@ func TestBenchPostcopy(t *testing.T) {
 						t.Fatalf("no postcopy: %+v", sum)
 					}
 					if sum.Link != nil {
-						t.Logf("link: %d connections, frames %v, %d B of pages", sum.Link.Connections, sum.Link.Frames, sum.Link.PageBytes)
+						t.Logf("link: %d connections, frames %v, %d B of pages, %d urgent pages", sum.Link.Connections, sum.Link.Frames, sum.Link.PageBytes, sum.Link.UrgentPages)
 					}
 					r = pcRun{total: time.Duration(sum.TotalTimeMs) * time.Millisecond, postcopy: time.Duration(sum.Postcopy.PostcopyMs) * time.Millisecond,
 						bytes: sum.BytesOut, requests: sum.Postcopy.Requests, inFlight: sum.Postcopy.InFlight, p50: sum.Postcopy.LatencyP50Us, p99: sum.Postcopy.LatencyP99Us}

@@ -386,3 +386,41 @@ func PostcopyCommand(cmd uint16) bool {
 	}
 	return false
 }
+
+// Urgent is URGENT (PROTOCOL.md §7.1): one page the destination asked for, sent on the control
+// connection ahead of the data frames queued before it. Entry is a PAGES entry (offset | kind,
+// KindPage or KindZero); Data the page for KindPage.
+type Urgent struct {
+	Block uint16
+	Entry uint64
+	Data  []byte
+}
+
+// Append appends URGENT's payload.
+func (u Urgent) Append(dst []byte) []byte {
+	dst = binary.BigEndian.AppendUint16(dst, u.Block)
+	dst = binary.BigEndian.AppendUint64(dst, u.Entry)
+	return append(dst, u.Data...)
+}
+
+// ParseUrgent decodes URGENT's payload; Data aliases it.
+func ParseUrgent(p []byte) (Urgent, error) {
+	var u Urgent
+	if len(p) < 10 {
+		return u, fmt.Errorf("URGENT: %d bytes, want at least 10", len(p))
+	}
+	u.Block, u.Entry, u.Data = binary.BigEndian.Uint16(p), binary.BigEndian.Uint64(p[2:]), p[10:]
+	switch u.Entry & (PageSize - 1) {
+	case KindPage:
+		if len(u.Data) != PageSize {
+			return u, fmt.Errorf("URGENT: a page of %d bytes", len(u.Data))
+		}
+	case KindZero:
+		if len(u.Data) != 0 {
+			return u, fmt.Errorf("URGENT: a zero page with %d bytes of data", len(u.Data))
+		}
+	default:
+		return u, fmt.Errorf("URGENT: entry kind 0x%03x (a page or a zero page only)", u.Entry&(PageSize-1))
+	}
+	return u, nil
+}

@@ -42,6 +42,7 @@ const (
 	FrameVerdict FrameType = 0x0c // sender → receiver: equal or not, and why
 	// Postcopy (feature "postcopy", PROTOCOL.md §7): the destination's return path, as bytes.
 	FrameReturn FrameType = 0x0d // receiver → sender: return-path bytes; empty = it closed
+	FrameUrgent FrameType = 0x0e // sender → receiver: a page the destination asked for, ahead of the data
 )
 
 // Data frames (PROTOCOL.md §2.2); every payload starts with be64 seq.
@@ -61,7 +62,7 @@ const (
 var frameNames = map[FrameType]string{
 	FrameHello: "HELLO", FrameWelcome: "WELCOME", FramePing: "PING", FramePong: "PONG",
 	FrameError: "ERROR", FrameReady: "READY", FrameCommit: "COMMIT", FrameDelivered: "DELIVERED",
-	FrameStatus: "STATUS", FrameVerify: "VERIFY", FrameHashes: "HASHES", FrameVerdict: "VERDICT", FrameReturn: "RETURN", FrameBegin: "BEGIN", FrameSection: "SECTION", FrameMemSize: "MEMSIZE",
+	FrameStatus: "STATUS", FrameVerify: "VERIFY", FrameHashes: "HASHES", FrameVerdict: "VERDICT", FrameReturn: "RETURN", FrameUrgent: "URGENT", FrameBegin: "BEGIN", FrameSection: "SECTION", FrameMemSize: "MEMSIZE",
 	FramePages: "PAGES", FrameSectionEnd: "SECTION_END", FrameCommand: "COMMAND",
 	FrameDevice: "DEVICE", FrameEnd: "END", FramePackaged: "PACKAGED",
 }

@@ -14,7 +14,7 @@ import (
 // allFrameTypes is every frame type of protocol version 1 (PROTOCOL.md §2.1, §2.2, §7).
 var allFrameTypes = []FrameType{
 	FrameHello, FrameWelcome, FramePing, FramePong, FrameError, FrameReady, FrameCommit,
-	FrameDelivered, FrameStatus, FrameVerify, FrameHashes, FrameVerdict, FrameReturn,
+	FrameDelivered, FrameStatus, FrameVerify, FrameHashes, FrameVerdict, FrameReturn, FrameUrgent,
 	FrameBegin, FrameSection, FrameMemSize, FramePages, FrameSectionEnd, FrameCommand,
 	FrameDevice, FrameEnd, FramePackaged,
 }
@@ -58,7 +58,7 @@ func TestFrameTypes(t *testing.T) {
 	names := map[FrameType]string{
 		FrameHello: "HELLO", FrameWelcome: "WELCOME", FramePing: "PING", FramePong: "PONG", FrameError: "ERROR",
 		FrameReady: "READY", FrameCommit: "COMMIT", FrameDelivered: "DELIVERED", FrameStatus: "STATUS",
-		FrameVerify: "VERIFY", FrameHashes: "HASHES", FrameVerdict: "VERDICT", FrameReturn: "RETURN",
+		FrameVerify: "VERIFY", FrameHashes: "HASHES", FrameVerdict: "VERDICT", FrameReturn: "RETURN", FrameUrgent: "URGENT",
 		FrameBegin: "BEGIN", FrameSection: "SECTION", FrameMemSize: "MEMSIZE", FramePages: "PAGES",
 		FrameSectionEnd: "SECTION_END", FrameCommand: "COMMAND", FrameDevice: "DEVICE", FrameEnd: "END",
 		FramePackaged: "PACKAGED",

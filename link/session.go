@@ -103,6 +103,9 @@ type Session struct {
 	// The destination's return path (feature "postcopy"): RETURN payloads as they arrived, and
 	// what ReadReturn has not yet given out of the current one.
 	returns chan []byte
+	// urgent holds the URGENT frames (receiver, feature postcopy) not yet taken by NextFrame,
+	// under rmu.
+	urgent  []Frame
 	retMu   sync.Mutex
 	retBuf  []byte
 	retEOF  bool
@@ -287,6 +290,11 @@ func (s *Session) PeerPing() (Ping, bool) {
 	return *p, true
 }
 
+// SendUrgent sends a page the destination asked for ahead of the queued data (URGENT).
+func (s *Session) SendUrgent(u Urgent) error {
+	return s.SendControl(FrameUrgent, u.Append(make([]byte, 0, 10+len(u.Data))))
+}
+
 // SendReturn sends return-path bytes of the destination to the sender (RETURN frames of at most
 // MaxReturnChunk bytes); an empty b says that the destination closed its return path.
 func (s *Session) SendReturn(b []byte) error {
@@ -405,6 +413,25 @@ func (s *Session) readControl() {
 			case <-s.done:
 				return
 			}
+		case FrameUrgent:
+			if s.side != "receiver" || !HasFeature(s.Welcome.Features, FeaturePostcopy) {
+				s.refuse(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: errors.New("URGENT without the postcopy feature, or towards the sender")})
+				return
+			}
+			if _, err := ParseUrgent(f.Payload); err != nil {
+				s.refuse(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: err})
+				return
+			}
+			s.rmu.Lock()
+			if len(s.urgent) >= maxUrgent {
+				s.rmu.Unlock()
+				s.refuse(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: fmt.Errorf("more than %d urgent pages waiting", maxUrgent)})
+				return
+			}
+			f.Payload = bytes.Clone(f.Payload)
+			s.urgent = append(s.urgent, f)
+			s.rcond.Broadcast()
+			s.rmu.Unlock()
 		case FrameReady, FrameCommit, FrameDelivered, FrameStatus, FrameVerify, FrameHashes, FrameVerdict:
 			f.Payload = bytes.Clone(f.Payload)
 			select {
@@ -942,7 +969,15 @@ func (s *Session) hold(seq uint64, f Frame) bool {
 // NextData returns the next data frame in sequence order, waiting for it until deadline (zero:
 // no deadline beyond the session's). The payload is the caller's until it passes the frame to
 // ReleaseData.
-func (s *Session) NextData(deadline time.Time) (Frame, error) {
+func (s *Session) NextData(deadline time.Time) (Frame, error) { return s.NextFrame(deadline, false) }
+
+// maxUrgent bounds the URGENT frames a receiver holds (16 MiB of pages): the destination asks
+// for few pages at a time, so more is a misbehaving peer.
+const maxUrgent = 4096
+
+// NextFrame is NextData, except that with urgent an URGENT frame that has arrived comes first,
+// out of sequence (PROTOCOL.md §7.1). Its payload is the caller's (not for ReleaseData).
+func (s *Session) NextFrame(deadline time.Time, urgent bool) (Frame, error) {
 	var timer *time.Timer
 	if !deadline.IsZero() {
 		timer = time.AfterFunc(time.Until(deadline), func() {
@@ -955,6 +990,11 @@ func (s *Session) NextData(deadline time.Time) (Frame, error) {
 	s.rmu.Lock()
 	defer s.rmu.Unlock()
 	for {
+		if urgent && len(s.urgent) > 0 {
+			f := s.urgent[0]
+			s.urgent = s.urgent[1:]
+			return f, nil
+		}
 		if f, ok := s.pending[s.next]; ok {
 			delete(s.pending, s.next)
 			s.held -= len(f.Payload)
@@ -984,7 +1024,7 @@ func (s *Session) DataWaiting() bool {
 	s.rmu.Lock()
 	defer s.rmu.Unlock()
 	_, ok := s.pending[s.next]
-	return ok
+	return ok || len(s.urgent) > 0
 }
 
 // ReleaseData gives a frame's payload back for reuse.

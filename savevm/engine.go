@@ -731,8 +731,9 @@ func (r *Relay) pump() error {
 			if r.pc.bridge && rec.RAM.Flags&^stream.RAMContinue == stream.RAMMemSize {
 				r.setBlocks(rec.RAM.Blocks)
 			}
+			r.pc.requested = false
 			if f := rec.RAM.Flags &^ stream.RAMContinue; r.pc.bridge && r.pc.started.Load() && (f == stream.RAMPage || f == stream.RAMZero) {
-				r.pageSent(rec.RAM.Block, rec.RAM.Offset)
+				r.pc.requested = r.pageSent(rec.RAM.Block, rec.RAM.Offset)
 			}
 		}
 		if err := out.handle(rec); err != nil {

@@ -75,6 +75,10 @@ type Receiver struct {
 	closing    atomic.Bool
 	firstStart time.Time
 	resumes    int
+	// URGENT pages are taken once a section has been written in this run (after a recovery's
+	// RESUME); ramID is the ram section that wraps one that arrives between sections.
+	sectionThisRun bool
+	ramID          uint32
 }
 
 // NewReceiver prepares the engine for one link session writing to dst (the local destination
@@ -154,6 +158,7 @@ func (r *Receiver) Run(ctx context.Context) (Summary, error) {
 		r.rpClosed = make(chan struct{})
 		go r.forwardReturnPath(rd, r.s, r.rpClosed)
 	}
+	r.sectionThisRun = false
 	r.sink = newAsyncSink(&countingWriter{w: r.dst, n: &r.bytesOut})
 	r.w = stream.NewWriter(r.sink)
 	r.dec = link.NewDecoder()
@@ -237,9 +242,20 @@ func (r *Receiver) local(err error) error {
 // loop applies the data frames in order until END, then completes.
 func (r *Receiver) loop() error {
 	for {
-		f, err := r.s.NextData(time.Now().Add(r.opt.StallTimeout))
+		f, err := r.s.NextFrame(time.Now().Add(r.opt.StallTimeout), r.switched.Load() && r.sectionThisRun)
 		if err != nil {
 			return err
+		}
+		if f.Type == link.FrameUrgent {
+			if err := r.urgent(f); err != nil {
+				return err
+			}
+			if !r.s.DataWaiting() {
+				if err := r.w.Push(); err != nil {
+					return r.local(err)
+				}
+			}
+			continue
 		}
 		end, err := r.apply(f)
 		r.s.ReleaseData(f)
@@ -436,6 +452,7 @@ func (r *Receiver) section(f link.Frame, s link.Section) error {
 			return frameErr(f, "section %d started twice", s.ID)
 		}
 		r.sections[s.ID] = s.Idstr
+		r.ramID = s.ID
 		t = stream.SectionStart
 	case link.PartSection, link.EndSection:
 		if _, ok := r.sections[s.ID]; !ok {
@@ -452,7 +469,7 @@ func (r *Receiver) section(f link.Frame, s link.Section) error {
 			r.setPhase(PhaseComplete)
 		}
 	}
-	r.cur, r.inSection = s.ID, true
+	r.cur, r.inSection, r.sectionThisRun = s.ID, true, true
 	from := r.w.Offset()
 	err := r.w.WriteSectionHeader(t, s.ID, s.Idstr, s.Instance, s.Version)
 	r.account(r.sections[s.ID], r.w.Offset()-from)
@@ -496,6 +513,44 @@ func (r *Receiver) pages(f link.Frame, p link.Pages) error {
 	}
 	r.account("ram", r.w.Offset()-from)
 	return nil
+}
+
+// urgent writes a page the destination asked for, ahead of the data frames (PROTOCOL.md §7.1):
+// into the ram section being written, or, between sections, in a PART section of its own.
+func (r *Receiver) urgent(f link.Frame) error {
+	u, err := link.ParseUrgent(f.Payload)
+	if err != nil {
+		return err
+	}
+	if int(u.Block) >= len(r.blocks) {
+		return frameErr(f, "block index %d of %d", u.Block, len(r.blocks))
+	}
+	b := r.blocks[u.Block]
+	off := u.Entry &^ (link.PageSize - 1)
+	if off >= b.UsedLength {
+		return frameErr(f, "page at 0x%x beyond block %q of 0x%x bytes", off, b.Name, b.UsedLength)
+	}
+	from := r.w.Offset()
+	wrap := !r.inSection
+	if wrap {
+		if err := r.w.WriteSectionHeader(stream.SectionPart, r.ramID, "", 0, 0); err != nil {
+			return r.local(err)
+		}
+	}
+	if u.Entry&(link.PageSize-1) == link.KindPage {
+		err = r.w.WritePage(off, b.Name, u.Data)
+		r.normal.Add(1)
+	} else {
+		err = r.w.WriteZero(stream.RAMZero|r.w.Continue(b.Name), off, b.Name, 0)
+		r.zero.Add(1)
+	}
+	if err == nil && wrap {
+		if err = r.w.WriteEOS(); err == nil {
+			err = r.w.WriteFooter(r.ramID)
+		}
+	}
+	r.account("ram", r.w.Offset()-from)
+	return r.local(err)
 }
 
 func (r *Receiver) account(idstr string, n int64) {

@@ -43,6 +43,9 @@ type LinkSummary struct {
 	// PageBytes: page data put into batches (before compression); Frames by codec.
 	PageBytes int64            `json:"page_bytes"`
 	Frames    map[string]int64 `json:"frames"`
+	// UrgentPages went ahead of the queued data frames (postcopy: pages the destination asked
+	// for, PROTOCOL.md §7.1).
+	UrgentPages int64 `json:"urgent_pages,omitempty"`
 }
 
 // NewLinkRelay prepares a migration from src (the source QEMU's connection) over an established
@@ -140,6 +143,11 @@ type linkOutput struct {
 	inPkg    bool
 	pkgW     *stream.Writer
 	pkgBuf   devBuffer
+	// Requested pages go as URGENT frames, once a section has gone on this session (so that
+	// they come after a recovery's RESUME), and only for blocks of 4 KiB pages (a huge page's
+	// target pages must reach the destination together).
+	sectionSent bool
+	smallPages  []bool
 
 	// Device state, collected into DEVICE frames.
 	devW    *stream.Writer
@@ -147,8 +155,8 @@ type linkOutput struct {
 	devSent int64 // device bytes already in DEVICE frames
 
 	stats struct {
-		skipped, zeroSkipped, pageBytes atomic.Int64
-		frames                          [4]atomic.Int64
+		skipped, zeroSkipped, pageBytes, urgent atomic.Int64
+		frames                                  [4]atomic.Int64
 	}
 }
 
@@ -256,7 +264,8 @@ func (o *linkOutput) finishWrite() error {
 // to send again.
 func (o *linkOutput) resumed(s *link.Session) *linkOutput {
 	n := newLinkOutput(o.r, s, o.chooser, o.lo)
-	n.hdr, n.blocks, n.held, n.seed, n.zero = o.hdr, o.blocks, o.held, o.seed, o.zero
+	n.hdr, n.blocks, n.held, n.seed, n.zero, n.smallPages = o.hdr, o.blocks, o.held, o.seed, o.zero, o.smallPages
+	n.stats.urgent.Store(o.stats.urgent.Load())
 	if o.switched {
 		n.toPostcopy()
 	}
@@ -397,6 +406,7 @@ func (o *linkOutput) handle(rec *stream.Record) error {
 		if err := o.flushBatch(); err != nil {
 			return err
 		}
+		o.sectionSent = true
 		sec := link.Section{Seq: o.next(), Type: uint8(rec.Kind-stream.KindSectionStart) + link.StartSection, ID: rec.Section.ID}
 		if rec.Kind == stream.KindSectionStart {
 			sec.Idstr, sec.Instance, sec.Version = rec.Section.Idstr, rec.Section.Instance, rec.Section.Version
@@ -472,6 +482,9 @@ func (o *linkOutput) ram(rec *stream.Record) error {
 		if err != nil {
 			return err
 		}
+		if o.urgent(b) {
+			return o.sendUrgent(link.Urgent{Block: uint16(b), Entry: r.Offset | link.KindZero})
+		}
 		if !o.switched && o.holds(b, idx, o.zero) {
 			o.stats.zeroSkipped.Add(1)
 			return nil
@@ -504,6 +517,9 @@ func (o *linkOutput) page(block string, off uint64, data []byte) error {
 	if err != nil {
 		return err
 	}
+	if o.urgent(b) {
+		return o.sendUrgent(link.Urgent{Block: uint16(b), Entry: off | link.KindPage, Data: data})
+	}
 	if !o.switched && o.holds(b, idx, xxh3.Hash128Seed(data, o.seed)) {
 		o.stats.skipped.Add(1)
 		return nil
@@ -513,6 +529,20 @@ func (o *linkOutput) page(block string, off uint64, data []byte) error {
 		return err
 	}
 	sl.batch.Page(off, data)
+	return nil
+}
+
+// urgent reports whether the page being handled goes ahead of the queue as URGENT: a page of a
+// block with 4 KiB pages that the destination asked for, after the switch.
+func (o *linkOutput) urgent(b int) bool {
+	return o.switched && o.r.pc.requested && o.sectionSent && o.smallPages[b]
+}
+
+func (o *linkOutput) sendUrgent(u link.Urgent) error {
+	if err := o.s.SendUrgent(u); err != nil {
+		return &DestinationError{Err: fmt.Errorf("a requested page: %w", err)}
+	}
+	o.stats.urgent.Add(1)
 	return nil
 }
 
@@ -576,6 +606,7 @@ func (o *linkOutput) memSize(rec *stream.Record) error {
 			return fmt.Errorf("link: more than %d RAM blocks", link.MaxBlocks)
 		}
 		o.blocks[b.Name] = len(ms.Blocks)
+		o.smallPages = append(o.smallPages, !b.HasPageSize || b.PageSize == link.PageSize)
 		pages := (b.UsedLength + link.PageSize - 1) / link.PageSize
 		o.held = append(o.held, pageHashes{hash: make([]xxh3.Uint128, pages), known: make([]uint64, (pages+63)/64)})
 		ms.Blocks = append(ms.Blocks, link.Block{Name: b.Name, UsedLength: b.UsedLength,
@@ -732,7 +763,7 @@ func (o *linkOutput) await(t link.FrameType, timeout time.Duration) (link.Frame,
 func (o *linkOutput) summary() *LinkSummary {
 	ls := &LinkSummary{Connections: o.s.Connections(), BytesOnLink: o.r.transferred(),
 		PagesSkipped: o.stats.skipped.Load(), ZeroSkipped: o.stats.zeroSkipped.Load(),
-		PageBytes: o.stats.pageBytes.Load(), Frames: map[string]int64{}}
+		PageBytes: o.stats.pageBytes.Load(), Frames: map[string]int64{}, UrgentPages: o.stats.urgent.Load()}
 	for c := range o.stats.frames {
 		if n := o.stats.frames[c].Load(); n > 0 {
 			ls.Frames[link.Codec(c).String()] = n

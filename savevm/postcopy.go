@@ -57,6 +57,9 @@ type postcopyState struct {
 	// The return path's decoder and encoder, kept across a recovery (Resume).
 	rpr *stream.RPReader
 	rpw *stream.RPWriter
+	// requested: the page record being handled is one the destination asked for (the pump
+	// sets it before the output's handle; the link sends such a page as URGENT).
+	requested bool
 }
 
 type pageKey struct {
@@ -123,18 +126,19 @@ func (r *Relay) bridgeReturnPath(dst io.Reader, src io.Writer) error {
 }
 
 // pageSent notes a page that went to the destination while in postcopy: if it was requested,
-// its latency.
-func (r *Relay) pageSent(block string, off uint64) {
+// its latency. It reports whether the page was requested and still waited for.
+func (r *Relay) pageSent(block string, off uint64) (requested bool) {
 	pc := &r.pc
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
 	if t, ok := pc.pending[pageKey{block, off}]; ok {
 		delete(pc.pending, pageKey{block, off})
 		pc.sample(time.Since(t))
+		requested = true
 	}
 	n, ok := pc.blockLen[block]
 	if !ok || off >= n {
-		return // a block MEM_SIZE did not list: a request for it cannot be told as in flight
+		return requested // a block MEM_SIZE did not list: a request for it cannot be told as in flight
 	}
 	bits := pc.sent[block]
 	if bits == nil {
@@ -145,6 +149,7 @@ func (r *Relay) pageSent(block string, off uint64) {
 		pc.sent[block] = bits
 	}
 	bits[off/4096/64] |= 1 << (off / 4096 % 64)
+	return requested
 }
 
 // wasSent reports whether the page went to the destination since the switch (pc.mu held).
