@@ -43,7 +43,7 @@ func migrateFlags() []cli.Flag {
 		&cli.IntFlag{Name: "max-iterations", Usage: "switch over after this many passes over RAM (0 = no limit)"},
 		&cli.DurationFlag{Name: "timeout", Usage: "limit on the live phase (0 = none)"},
 		&cli.StringFlag{Name: "timeout-action", Value: "abort", Usage: "at --timeout: abort (source keeps running), pause (stop the guest to complete) or postcopy (switch to postcopy; needs --postcopy)"},
-		&cli.BoolFlag{Name: "postcopy", Usage: "enable postcopy on both sides (needs --dst-qmp): the policy switches when --postcopy-after passes, --timeout-action postcopy, or the expected downtime stops falling; after the switch the guest runs on the destination"},
+		&cli.BoolFlag{Name: "postcopy", Usage: "enable postcopy on both sides (needs --dst-qmp; over qmg:// the receiver's --dst-qmp): the policy switches when --postcopy-after passes, --timeout-action postcopy, or the expected downtime stops falling; after the switch the guest runs on the destination"},
 		&cli.IntFlag{Name: "postcopy-after", Usage: "with --postcopy: switch to postcopy after this many passes over RAM"},
 		&cli.BoolFlag{Name: "verify", Usage: "resume the destination only once its RAM is proven equal to the paused source's, page by page (needs a destination held paused: -S; README \"Verified migration\"); a difference exits 8 with nothing resumed"},
 		&cli.StringFlag{Name: "verify-method", Usage: "with --verify: how guest RAM is read, comma-separated in order of preference: file, process_vm_readv, proc-mem, pmemsave (default: that order)"},
