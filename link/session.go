@@ -105,10 +105,10 @@ type Session struct {
 	returns chan []byte
 	// urgent holds the URGENT frames (receiver, feature postcopy) not yet taken by NextFrame,
 	// under rmu.
-	urgent  []Frame
-	retMu   sync.Mutex
-	retBuf  []byte
-	retEOF  bool
+	urgent []Frame
+	retMu  sync.Mutex
+	retBuf []byte
+	retEOF bool
 
 	lastHeard atomic.Int64 // unix ns of the last control frame from the peer
 	received  atomic.Int64 // data bytes read
