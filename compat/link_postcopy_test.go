@@ -159,3 +159,36 @@ func TestLinkPostcopyDestinationKilled(t *testing.T) {
 		t.Errorf("the source is %q (%v): it must never be resumed after the switch", st.Status, err)
 	}
 }
+
+// TestLinkPostcopyRefusedWithoutDstQMP: a receiver without --dst-qmp cannot give its
+// destination postcopy-ram nor recover it, so it refuses the sender's HELLO: both exit with the
+// reason, before anything crossed; the source runs on untouched and the destination still waits.
+func TestLinkPostcopyRefusedWithoutDstQMP(t *testing.T) {
+	sidecarBinary(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	q := requireQEMU(t, "10.0")
+	src := faultVM(t, ctx, VMConfig{Name: "src", QEMU: q})
+	port, _ := FreePort()
+	uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
+	dst := faultVM(t, ctx, VMConfig{Name: "dst", QEMU: q, Incoming: uri})
+	ends, _ := loopEnds(t)
+	recv := startReceiver(t, ctx, ends, "--to", uri, "--no-tls")
+	send := startSidecar(t, nil, append([]string{"--qmp", src.SidecarQMP, "--to", "qmg://" + ends.dial, "--json", "--no-tls"}, linkPostcopyArgs()...)...)
+	code, _, stderr := send.wait(t, 30*time.Second)
+	msg := oneLine(t, stderr, "needs receive --dst-qmp")
+	if code != 4 {
+		t.Errorf("sender exit %d, want 4", code)
+	}
+	rcode, _, rstderr := recv.wait(t, 10*time.Second)
+	if rcode == 0 || !strings.Contains(rstderr, "needs receive --dst-qmp") {
+		t.Errorf("receiver exit %d: %s", rcode, rstderr)
+	}
+	t.Logf("sender: %s", msg)
+	if m, err := src.QMP.QueryMigrate(ctx); err != nil || m.Status != "" {
+		t.Errorf("the source was touched: migration %q (%v)", m.Status, err)
+	}
+	if s, err := dst.QMP.QueryStatus(ctx); err != nil || s.Status != "inmigrate" {
+		t.Errorf("destination %q (%v), want still inmigrate", s.Status, err)
+	}
+}
