@@ -277,9 +277,17 @@ func recoveryAfterHeal(t *testing.T, q QEMU, down time.Duration, overLink bool) 
 			})
 		}
 		clock.watch(e, "connected again")
+		if e.Type == "recovery" {
+			t.Logf("%s: %s", e.Time.Format("15:04:05.000"), e.Message)
+		}
 	}
 	if overLink {
-		recv, send := startLinkPostcopy(t, ctx, ends, NewTestPKI(t, np.Dst.Addr.String()), src, dst, uri, hook, nil, "--postcopy-bandwidth", "8000000")
+		recvLog := func(_ *sidecarProc, e savevm.Event) {
+			if e.Type == "recovery" || e.Type == "phase" {
+				t.Logf("%s receiver %s: %s %s", e.Time.Format("15:04:05.000"), e.Type, e.Phase, e.Message)
+			}
+		}
+		recv, send := startLinkPostcopy(t, ctx, ends, NewTestPKI(t, np.Dst.Addr.String()), src, dst, uri, hook, recvLog, "--postcopy-bandwidth", "8000000")
 		waitRecovered(t, send)
 		if code, _, stderr := recv.wait(t, 3*time.Minute); code != 0 {
 			t.Errorf("receiver exit %d: %s", code, stderr)

@@ -416,6 +416,16 @@ func (r *Relay) pages(e Event) Event {
 // The decoding state carries over (stream.Reader.Resume); the source and the destination
 // exchange the received bitmaps and RESUME/RESUME_ACK through the relay as any record.
 func (r *Relay) Resume(ctx context.Context, src io.ReadCloser, dst io.WriteCloser) (Summary, error) {
+	if d := r.pc.bridgeDone; d != nil {
+		// The broken run's return-path bridge must be gone before the new one takes over its
+		// decoder, or its failure would end the resumed run (the old connections are closed,
+		// so it ends at once).
+		select {
+		case <-d:
+		case <-time.After(5 * time.Second):
+			return Summary{}, errors.New("the return path of the broken connection did not end")
+		}
+	}
 	r.src, r.dst = src, dst
 	if w, ok := src.(io.Writer); ok {
 		r.rp.w = w
@@ -668,7 +678,10 @@ func (r *Relay) pump() error {
 			return &DestinationError{Err: errors.New("postcopy needs a destination that answers on the same connection (tcp: or unix:)")}
 		}
 		rpDone = make(chan error, 1)
+		done := make(chan struct{})
+		r.pc.bridgeDone = done
 		go func() {
+			defer close(done)
 			err := r.bridgeReturnPath(dr, r.rp.w)
 			if err != nil && !r.delivered() {
 				r.failAsync(err) // the relay ends now, not at the end of the stream

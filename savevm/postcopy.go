@@ -60,6 +60,8 @@ type postcopyState struct {
 	// requested: the page record being handled is one the destination asked for (the pump
 	// sets it before the output's handle; the link sends such a page as URGENT).
 	requested bool
+	// bridgeDone is closed when the run's return-path bridge has ended.
+	bridgeDone chan struct{}
 }
 
 type pageKey struct {
