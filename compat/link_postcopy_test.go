@@ -154,10 +154,7 @@ func TestLinkPostcopyDestinationKilled(t *testing.T) {
 		t.Errorf("receiver exit %d after %v: %s", rcode, rwall, rstderr)
 	}
 	t.Logf("sender exit %d after %v: %s", code, wall.Round(time.Millisecond), msg)
-	st, err := src.QMP.QueryStatus(ctx)
-	if err != nil || st.Status == "running" {
-		t.Errorf("the source is %q (%v): it must never be resumed after the switch", st.Status, err)
-	}
+	checkNeverResumed(t, ctx, src)
 }
 
 // TestLinkPostcopyRefusedWithoutDstQMP: a receiver without --dst-qmp cannot give its

@@ -259,6 +259,12 @@ func TestPostcopyDestinationKilled(t *testing.T) {
 		t.Errorf("took %v to report", wall)
 	}
 	t.Logf("exit %d after %v: %s", code, wall.Round(time.Millisecond), msg)
+	checkNeverResumed(t, ctx, src)
+}
+
+// checkNeverResumed: after the switch to postcopy the source must not run again.
+func checkNeverResumed(t *testing.T, ctx context.Context, src *VM) {
+	t.Helper()
 	st, err := src.QMP.QueryStatus(ctx)
 	if err != nil || st.Status == "running" {
 		t.Errorf("the source is %q (%v): it must never be resumed after the switch", st.Status, err)

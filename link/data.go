@@ -317,9 +317,19 @@ func AppendDeviceHeader(dst []byte, seq uint64) []byte { return begin(dst, Frame
 
 // ParseDevice decodes DEVICE's payload; Data aliases it.
 func ParseDevice(p []byte) (Device, error) {
-	d, seq := newDec(FrameDevice, p)
-	dv := Device{Seq: seq, Data: d.rest()}
-	return dv, d.done()
+	seq, data, err := parseRaw(FrameDevice, p, false)
+	return Device{Seq: seq, Data: data}, err
+}
+
+// parseRaw decodes a frame that carries QEMU's bytes as they are (DEVICE, PACKAGED): the
+// sequence number, then the rest; Data aliases p.
+func parseRaw(t FrameType, p []byte, nonEmpty bool) (uint64, []byte, error) {
+	d, seq := newDec(t, p)
+	data := d.rest()
+	if nonEmpty && len(data) == 0 && d.err == nil {
+		d.err = errors.New("no data")
+	}
+	return seq, data, d.done()
 }
 
 // End is END: the stream is complete up to its EOF (PROTOCOL.md §5).
@@ -368,12 +378,8 @@ func AppendPackagedHeader(dst []byte, seq uint64) []byte { return begin(dst, Fra
 
 // ParsePackaged decodes PACKAGED's payload; Data aliases it.
 func ParsePackaged(p []byte) (Packaged, error) {
-	d, seq := newDec(FramePackaged, p)
-	pk := Packaged{Seq: seq, Data: d.rest()}
-	if len(pk.Data) == 0 && d.err == nil {
-		d.err = errors.New("an empty package")
-	}
-	return pk, d.done()
+	seq, data, err := parseRaw(FramePackaged, p, true)
+	return Packaged{Seq: seq, Data: data}, err
 }
 
 // PostcopyCommand reports whether a QEMU command goes over the link as a COMMAND frame with the

@@ -323,14 +323,13 @@ func (s *Session) ReadReturn(p []byte) (int, error) {
 		select {
 		case b := <-s.returns:
 			s.retBuf, s.retEOF = b, len(b) == 0
-			continue
-		default:
-		}
-		select {
-		case b := <-s.returns:
-			s.retBuf, s.retEOF = b, len(b) == 0
 		case <-s.done:
-			return 0, s.ended()
+			select { // bytes that came before the end still count
+			case b := <-s.returns:
+				s.retBuf, s.retEOF = b, len(b) == 0
+			default:
+				return 0, s.ended()
+			}
 		}
 	}
 	n := copy(p, s.retBuf)

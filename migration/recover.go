@@ -82,6 +82,23 @@ const destinationGoneHint = "The source still holds the guest as it was at the s
 
 func (e *goneError) Unwrap() error { return e.error }
 
+// destinationGone is a destination QEMU that died after the switch.
+func destinationGone(err error) error {
+	return &goneError{fmt.Errorf("the destination QEMU is gone (%v): the guest's newest state was there", err), destinationGoneHint}
+}
+
+// sourcePaused waits for the source to wait in postcopy-paused (a goneError if it died).
+func sourcePaused(ctx context.Context, src *qmp.Client) error {
+	if _, err := waitState(ctx, src, "postcopy-paused"); err != nil {
+		if isGone(err) {
+			return &goneError{fmt.Errorf("the source QEMU is gone (%v): the pages the destination still lacks were there", err),
+				"The destination cannot get the pages it lacks: its guest will stay paused on them; treat the VM as crashed and restart it from its disks"}
+		}
+		return fmt.Errorf("the source: %w", err)
+	}
+	return nil
+}
+
 // recoverOnce is one attempt: paused sides, the destination listening, both connected, and the
 // relay resumed until the end.
 func (m *migration) recoverOnce(ctx context.Context, deadline time.Time, recovering *bool) error {
@@ -90,7 +107,7 @@ func (m *migration) recoverOnce(ctx context.Context, deadline time.Time, recover
 	if !*recovering {
 		if err := pauseIfUnaware(qctx, m.dst, m.event); err != nil {
 			if isGone(err) {
-				return &goneError{fmt.Errorf("the destination QEMU is gone (%v): the guest's newest state was there", err), destinationGoneHint}
+				return destinationGone(err)
 			}
 			return fmt.Errorf("the destination: %w", err)
 		}
@@ -106,17 +123,13 @@ func (m *migration) recoverOnce(ctx context.Context, deadline time.Time, recover
 				return nil
 			}
 			if isGone(err) {
-				return &goneError{fmt.Errorf("the destination QEMU is gone (%v): the guest's newest state was there", err), destinationGoneHint}
+				return destinationGone(err)
 			}
 			return fmt.Errorf("the destination: %w", err)
 		}
 	}
-	if _, err := waitState(qctx, m.src, "postcopy-paused"); err != nil {
-		if isGone(err) {
-			return &goneError{fmt.Errorf("the source QEMU is gone (%v): the pages the destination still lacks were there", err),
-				"The destination cannot get the pages it lacks: its guest will stay paused on them; treat the VM as crashed and restart it from its disks"}
-		}
-		return fmt.Errorf("the source: %w", err)
+	if err := sourcePaused(qctx, m.src); err != nil {
+		return err
 	}
 	if !*recovering {
 		if err := m.dst.MigrateRecover(qctx, m.o.To.String()); err != nil {

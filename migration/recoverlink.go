@@ -33,12 +33,8 @@ import (
 func (m *migration) recoverLinkOnce(ctx context.Context, deadline time.Time) error {
 	qctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := waitState(qctx, m.src, "postcopy-paused"); err != nil {
-		if isGone(err) {
-			return &goneError{fmt.Errorf("the source QEMU is gone (%v): the pages the destination still lacks were there", err),
-				"The destination cannot get the pages it lacks: its guest will stay paused on them; treat the VM as crashed and restart it from its disks"}
-		}
-		return fmt.Errorf("the source: %w", err)
+	if err := sourcePaused(qctx, m.src); err != nil {
+		return err
 	}
 	cfg, err := m.o.linkConfig()
 	if err != nil {
@@ -125,9 +121,6 @@ func (r *receiving) recoverPostcopy(ctx context.Context, eng *savevm.Receiver, c
 func (r *receiving) recoverOnce(ctx context.Context, eng *savevm.Receiver, cfg link.Config, deadline time.Time, recovering *bool) (Summary, error) {
 	qctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	destinationGone := func(err error) error {
-		return &goneError{fmt.Errorf("the destination QEMU is gone (%v): the guest's newest state was there", err), destinationGoneHint}
-	}
 	if !*recovering {
 		if err := pauseIfUnaware(qctx, r.dst, func(_, msg string) { r.event(msg) }); err != nil && isGone(err) {
 			return Summary{}, destinationGone(err)

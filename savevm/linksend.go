@@ -243,14 +243,8 @@ func (o *linkOutput) finishWrite() error {
 	if err := o.submit(link.End{Seq: o.next()}.Append(small(16))); err != nil {
 		return err
 	}
-	o.closeWorkers()
-	if err := o.err(); err != nil {
+	if err := o.drain(); err != nil {
 		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), o.lo.CompleteTimeout)
-	defer cancel()
-	if err := o.s.Drain(ctx); err != nil {
-		return &DestinationError{Err: fmt.Errorf("sending the last frames: %w", err)}
 	}
 	o.r.mu.Lock()
 	o.r.sum.Link = o.summary()
@@ -690,14 +684,8 @@ func (o *linkOutput) finish(shut func() error) error {
 	if !o.ended {
 		return fmt.Errorf("link: the source stream ended without a vmdesc after EOF")
 	}
-	o.closeWorkers()
-	if err := o.err(); err != nil {
+	if err := o.drain(); err != nil {
 		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), o.lo.CompleteTimeout)
-	defer cancel()
-	if err := o.s.Drain(ctx); err != nil {
-		return &DestinationError{Err: fmt.Errorf("sending the last frames: %w", err)}
 	}
 	if _, err := o.await(link.FrameReady, o.lo.CompleteTimeout); err != nil {
 		return err
@@ -733,6 +721,21 @@ func (o *linkOutput) finish(shut func() error) error {
 	o.r.mu.Lock()
 	o.r.sum.Link = o.summary()
 	o.r.mu.Unlock()
+	return nil
+}
+
+// drain ends the encoders and hands every queued frame to the connections (within
+// CompleteTimeout): the stream's end, with COMMIT (finish) or without (finishWrite).
+func (o *linkOutput) drain() error {
+	o.closeWorkers()
+	if err := o.err(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), o.lo.CompleteTimeout)
+	defer cancel()
+	if err := o.s.Drain(ctx); err != nil {
+		return &DestinationError{Err: fmt.Errorf("sending the last frames: %w", err)}
+	}
 	return nil
 }
 

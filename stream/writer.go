@@ -125,14 +125,10 @@ func (w *Writer) flushBuf() {
 
 // Flush writes the buffered bytes to the underlying writer. It fails while a package is open.
 func (w *Writer) Flush() error {
-	if w.err != nil {
-		return w.err
+	if err := w.Push(); err != nil {
+		return err
 	}
-	if len(w.pkgs) > 0 {
-		return encErr("Flush with %d PACKAGED command(s) open", len(w.pkgs))
-	}
-	w.flushBuf()
-	if sink, ok := w.w.(BatchSink); ok && w.err == nil {
+	if sink, ok := w.w.(BatchSink); ok {
 		w.err = sink.Sync()
 	}
 	return w.err
@@ -147,7 +143,7 @@ func (w *Writer) Push() error {
 		return w.err
 	}
 	if len(w.pkgs) > 0 {
-		return encErr("Push with %d PACKAGED command(s) open", len(w.pkgs))
+		return encErr("flushing with %d PACKAGED command(s) open", len(w.pkgs))
 	}
 	w.flushBuf()
 	return w.err
