@@ -266,3 +266,36 @@ func rawTLS(t testing.TB, addr string, cfg *tls.Config) net.Conn {
 	}
 	return tc
 }
+
+// A receiver that has every frame may finish and close before the sender's Drain looks: Drain
+// then has nothing left queued and must not report the close as a failure (a recovered
+// postcopy took it for a broken link and retried until --recover-timeout). The peer's answer,
+// not Drain, says whether the frames arrived.
+func TestBugDrainAfterPeerFinished(t *testing.T) {
+	t.Parallel()
+	snd, rcv, _ := linkPair(t, quick, quick, 2, false)
+	const n = 8
+	for seq := uint64(1); seq <= n; seq++ {
+		if err := snd.SendData(testFrame(seq)); err != nil {
+			t.Fatalf("SendData %d: %v", seq, err)
+		}
+	}
+	for seq := uint64(1); seq <= n; seq++ {
+		f, err := rcv.NextFrame(time.Now().Add(testWait), false)
+		if err != nil {
+			t.Fatalf("frame %d: %v", seq, err)
+		}
+		rcv.ReleaseData(f)
+	}
+	rcv.Close()
+	select {
+	case <-snd.Done():
+	case <-time.After(testWait):
+		t.Fatal("the sender did not see the receiver close")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), testWait)
+	defer cancel()
+	if err := snd.Drain(ctx); err != nil {
+		t.Errorf("Drain with every frame delivered, after the receiver closed: %v", err)
+	}
+}

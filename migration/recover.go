@@ -89,7 +89,10 @@ func destinationGone(err error) error {
 
 // sourcePaused waits for the source to wait in postcopy-paused (a goneError if it died).
 func sourcePaused(ctx context.Context, src *qmp.Client) error {
-	if _, err := waitState(ctx, src, "postcopy-paused"); err != nil {
+	if st, err := waitState(ctx, src, "postcopy-paused"); err != nil {
+		if st == "completed" {
+			return errSourceCompleted
+		}
 		if isGone(err) {
 			return &goneError{fmt.Errorf("the source QEMU is gone (%v): the pages the destination still lacks were there", err),
 				"The destination cannot get the pages it lacks: its guest will stay paused on them; treat the VM as crashed and restart it from its disks"}
@@ -97,6 +100,19 @@ func sourcePaused(ctx context.Context, src *qmp.Client) error {
 		return fmt.Errorf("the source: %w", err)
 	}
 	return nil
+}
+
+// errSourceCompleted: the source completed its migration, on the destination's SHUT, before
+// the link's break was noticed (the break was the end): there is nothing to recover.
+var errSourceCompleted = errors.New("the source completed its migration")
+
+// nothingToRecover reports err == errSourceCompleted, with an event.
+func (m *migration) nothingToRecover(err error) bool {
+	if !errors.Is(err, errSourceCompleted) {
+		return false
+	}
+	m.event("recovery", "nothing to recover: the destination had the whole stream, and the source completed on its SHUT")
+	return true
 }
 
 // recoverOnce is one attempt: paused sides, the destination listening, both connected, and the
@@ -129,6 +145,9 @@ func (m *migration) recoverOnce(ctx context.Context, deadline time.Time, recover
 		}
 	}
 	if err := sourcePaused(qctx, m.src); err != nil {
+		if m.nothingToRecover(err) {
+			return nil
+		}
 		return err
 	}
 	if !*recovering {
