@@ -259,7 +259,7 @@ func recoveryAfterHeal(t *testing.T, q QEMU, down time.Duration, overLink bool) 
 		if e.Type == "phase" && e.Phase == savevm.PhasePostcopy {
 			once.Do(func() {
 				go func() {
-					time.Sleep(300 * time.Millisecond)
+					time.Sleep(100 * time.Millisecond) // a short postcopy may end within 300 ms
 					if err := np.Stall(); err != nil {
 						t.Error(err)
 					}
