@@ -223,11 +223,6 @@ const FeatureVerify = "verify"
 // (RETURN), every postcopy command, PACKAGED, and recovery of a broken link.
 const FeaturePostcopy = "postcopy"
 
-// FeatureResend goes with postcopy (PROTOCOL.md §7.1): after the switch the sender may send a
-// requested page that is still on its way again as URGENT, and the receiver writes each page
-// at most once per session, whichever copy comes first.
-const FeatureResend = "resend"
-
 // MaxReturnChunk is the most return-path bytes one RETURN frame carries.
 const MaxReturnChunk = 60 << 10
 

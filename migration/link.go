@@ -65,7 +65,7 @@ func (m *migration) dialLink(ctx context.Context) error {
 		hello.Features = append(hello.Features, link.FeatureVerify)
 	}
 	if m.o.Policy.Postcopy {
-		hello.Features = append(hello.Features, link.FeaturePostcopy, link.FeatureResend)
+		hello.Features = append(hello.Features, link.FeaturePostcopy)
 	}
 	if v, err := m.src.QueryVersion(ctx); err == nil {
 		hello.Source.QEMU = fmt.Sprintf("%d.%d.%d", v.QEMU.Major, v.QEMU.Minor, v.QEMU.Micro)

@@ -268,7 +268,7 @@ func (r *receiving) accept(h link.Hello) (link.Welcome, error) {
 		w.Features = append(w.Features, link.FeatureVerify)
 	}
 	if postcopy {
-		w.Features = append(w.Features, postcopyFeatures(h)...)
+		w.Features = append(w.Features, link.FeaturePostcopy)
 	}
 	return w, nil
 }
@@ -332,13 +332,4 @@ func statusOf(p []byte) (state, msg string) {
 		d.Message = d.State
 	}
 	return d.State, d.Message
-}
-
-// postcopyFeatures are the postcopy features a receiver answers a HELLO that offers postcopy
-// with: postcopy, and resend when offered (PROTOCOL.md §7.1).
-func postcopyFeatures(h link.Hello) []string {
-	if link.HasFeature(h.Features, link.FeatureResend) {
-		return []string{link.FeaturePostcopy, link.FeatureResend}
-	}
-	return []string{link.FeaturePostcopy}
 }

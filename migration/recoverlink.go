@@ -44,7 +44,7 @@ func (m *migration) recoverLinkOnce(ctx context.Context, deadline time.Time) err
 		return &goneError{err, "The TLS files no longer load: fix them and recover by hand"}
 	}
 	hello := link.Hello{Connections: m.o.Link.connections(), Compress: link.CodecNames(), Sidecar: Version,
-		Features: []string{link.FeaturePostcopy, link.FeatureResend}, Resume: m.session.Token()}
+		Features: []string{link.FeaturePostcopy}, Resume: m.session.Token()}
 	// One attempt — TCP, TLS, the receiver connecting its destination before WELCOME — within
 	// redialTimeout, as in relay mode: a link that comes back is reached within 1.5 s.
 	dctx, dcancel := context.WithTimeout(ctx, min(redialTimeout, time.Until(deadline)))
@@ -166,7 +166,7 @@ func (r *receiving) recoverOnce(ctx context.Context, eng *savevm.Receiver, cfg l
 			return link.Welcome{}, fmt.Errorf("the destination does not listen again: %w", err)
 		}
 		dconn = c
-		return link.Welcome{Connections: h.Connections, Compress: link.CodecNames(), Features: append([]string{"status"}, postcopyFeatures(h)...),
+		return link.Welcome{Connections: h.Connections, Compress: link.CodecNames(), Features: []string{"status", link.FeaturePostcopy},
 			Destination: &link.Endpoint{QEMU: r.version, Machine: r.machine}}, nil
 	})
 	if err != nil {

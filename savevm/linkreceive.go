@@ -79,12 +79,6 @@ type Receiver struct {
 	// RESUME); ramID is the ram section that wraps one that arrives between sections.
 	sectionThisRun bool
 	ramID          uint32
-	// placed has a bit per page of a 4 KiB-page block written since the switch in this
-	// session (feature resend): the sender may send a requested page again as URGENT while its
-	// first copy is on its way, and QEMU refuses a page it already placed (UFFDIO_COPY
-	// EEXIST), so the second copy is dropped. nil without the feature or before the switch.
-	placed  [][]uint64
-	dropped atomic.Int64 // second copies dropped
 }
 
 // NewReceiver prepares the engine for one link session writing to dst (the local destination
@@ -165,10 +159,6 @@ func (r *Receiver) Run(ctx context.Context) (Summary, error) {
 		go r.forwardReturnPath(rd, r.s, r.rpClosed)
 	}
 	r.sectionThisRun = false
-	r.placed = nil
-	if r.switched.Load() {
-		r.trackPlaced() // a new session: what the broken one wrote may not have arrived
-	}
 	r.sink = newAsyncSink(&countingWriter{w: r.dst, n: &r.bytesOut})
 	r.w = stream.NewWriter(r.sink)
 	r.dec = link.NewDecoder()
@@ -215,7 +205,7 @@ func (r *Receiver) summary(start time.Time) Summary {
 	sum.TotalTimeMs = time.Since(r.firstStart).Milliseconds() // a resumed receiver counts from the first start
 	sum.BytesIn, sum.BytesOut = r.s.BytesReceived(), r.bytesOut.Load()
 	sum.NormalPages, sum.ZeroPages, sum.XBZRLEPages = r.normal.Load(), r.zero.Load(), r.xbzrle.Load()
-	sum.Link = &LinkSummary{Connections: r.s.Connections(), BytesOnLink: r.s.BytesReceived(), CopiesDropped: r.dropped.Load()}
+	sum.Link = &LinkSummary{Connections: r.s.Connections(), BytesOnLink: r.s.BytesReceived()}
 	return sum
 }
 
@@ -407,7 +397,6 @@ func (r *Receiver) apply(f link.Frame) (*link.End, error) {
 		}
 		r.markStopped()
 		r.switched.Store(true)
-		r.trackPlaced()
 		r.setPhase(PhasePostcopy)
 		return nil, nil
 	case link.FrameEnd:
@@ -504,14 +493,7 @@ func (r *Receiver) pages(f link.Frame, p link.Pages) error {
 			return frameErr(f, "page at 0x%x beyond block %q of 0x%x bytes", off, b.Name, b.UsedLength)
 		}
 		var err error
-		kind := e & (link.PageSize - 1)
-		if kind != link.KindXBZRLE && r.placedAlready(int(p.Block), off) {
-			if kind == link.KindPage {
-				data = data[link.PageSize:]
-			}
-			continue
-		}
-		switch kind {
+		switch e & (link.PageSize - 1) {
 		case link.KindPage:
 			err = r.w.WritePage(off, b.Name, data[:link.PageSize])
 			data = data[link.PageSize:]
@@ -548,9 +530,6 @@ func (r *Receiver) urgent(f link.Frame) error {
 	if off >= b.UsedLength {
 		return frameErr(f, "page at 0x%x beyond block %q of 0x%x bytes", off, b.Name, b.UsedLength)
 	}
-	if r.placedAlready(int(u.Block), off) {
-		return nil
-	}
 	from := r.w.Offset()
 	wrap := !r.inSection
 	if wrap {
@@ -572,35 +551,6 @@ func (r *Receiver) urgent(f link.Frame) error {
 	}
 	r.account("ram", r.w.Offset()-from)
 	return r.local(err)
-}
-
-// trackPlaced starts the placed bitmaps (feature resend), for the blocks of 4 KiB pages.
-func (r *Receiver) trackPlaced() {
-	if !link.HasFeature(r.s.Welcome.Features, link.FeatureResend) {
-		return
-	}
-	r.placed = make([][]uint64, len(r.blocks))
-	for i, b := range r.blocks {
-		if !b.HasPageSize || b.PageSize == link.PageSize {
-			r.placed[i] = make([]uint64, (b.UsedLength/link.PageSize+64)/64)
-		}
-	}
-}
-
-// placedAlready reports whether the page at off of block b was written since the switch in
-// this session, and marks it written (a second copy is counted as dropped).
-func (r *Receiver) placedAlready(b int, off uint64) bool {
-	if b >= len(r.placed) || r.placed[b] == nil {
-		return false
-	}
-	idx := off / link.PageSize
-	w, bit := idx/64, uint64(1)<<(idx%64)
-	if r.placed[b][w]&bit != 0 {
-		r.dropped.Add(1)
-		return true
-	}
-	r.placed[b][w] |= bit
-	return false
 }
 
 func (r *Receiver) account(idstr string, n int64) {

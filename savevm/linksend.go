@@ -46,9 +46,6 @@ type LinkSummary struct {
 	// UrgentPages went ahead of the queued data frames (postcopy: pages the destination asked
 	// for, PROTOCOL.md §7.1).
 	UrgentPages int64 `json:"urgent_pages,omitempty"`
-	// CopiesDropped (receiver, feature resend): second copies of pages already written since
-	// the switch, not written again.
-	CopiesDropped int64 `json:"copies_dropped,omitempty"`
 }
 
 // NewLinkRelay prepares a migration from src (the source QEMU's connection) over an established
@@ -151,9 +148,6 @@ type linkOutput struct {
 	// target pages must reach the destination together).
 	sectionSent bool
 	smallPages  []bool
-	// again keeps copies of the pages sent since the switch, for requests of pages still on
-	// their way (feature resend; nil without it or before the switch).
-	again *inFlight
 
 	// Device state, collected into DEVICE frames.
 	devW    *stream.Writer
@@ -494,7 +488,6 @@ func (o *linkOutput) ram(rec *stream.Record) error {
 			return err
 		}
 		sl.batch.Zero(r.Offset)
-		o.onWay(b, r.Offset, nil)
 		return nil
 	case stream.RAMXBZRLE:
 		b, idx, err := o.target(r.Block, r.Offset)
@@ -530,16 +523,7 @@ func (o *linkOutput) page(block string, off uint64, data []byte) error {
 		return err
 	}
 	sl.batch.Page(off, data)
-	o.onWay(b, off, data)
 	return nil
-}
-
-// onWay keeps a copy of a page put into a data frame after the switch, for a request that
-// comes while it is on its way (inFlight).
-func (o *linkOutput) onWay(b int, off uint64, data []byte) {
-	if o.again != nil && o.smallPages[b] {
-		o.again.put(b, off, data)
-	}
 }
 
 // urgent reports whether the page being handled goes ahead of the queue as URGENT: a page of a
@@ -631,10 +615,6 @@ func (o *linkOutput) toPostcopy() {
 	if !o.switched {
 		o.switched = true
 		o.s.SetBandwidth(o.r.opt.Policy.PostcopyBandwidth)
-		if o.postcopy && link.HasFeature(o.s.Welcome.Features, link.FeatureResend) {
-			o.again = newInFlight(o.s, o.blocks)
-			o.r.setInFlight(o.again)
-		}
 	}
 }
 

@@ -34,9 +34,6 @@ type PostcopySummary struct {
 	// InFlight are requested pages the sidecar had already forwarded when the request came
 	// (the page was on its way; QEMU does not send it again): they are not in the latencies.
 	InFlight int64 `json:"in_flight"`
-	// Resent are those of InFlight that went again at once, as URGENT over the link (feature
-	// resend): the destination keeps the copy that comes first.
-	Resent int64 `json:"resent,omitempty"`
 }
 
 // postcopyState is the engine's side of postcopy.
@@ -50,9 +47,6 @@ type postcopyState struct {
 	latency  []time.Duration       // request → page, kept up to maxLatencies
 	requests int64
 	inFlight int64
-	resent   int64
-	// again holds the link's copies of the pages on their way (feature resend), or nil.
-	again *inFlight
 	// sent has a bit for every page forwarded since the switch, per block (sized by the
 	// MEM_SIZE list: 32 KiB per GiB), so that a request for a page already on its way is told
 	// from one still waiting.
@@ -109,22 +103,16 @@ func (r *Relay) bridgeReturnPath(dst io.Reader, src io.Writer) error {
 				pc.pending = map[pageKey]time.Time{}
 			}
 			now := time.Now()
-			var onWay []uint64
 			for off := m.Start; off < m.Start+uint64(m.Length); off += 4096 {
 				if pc.wasSent(m.Block, off) {
-					pc.inFlight++ // on its way already
-					onWay = append(onWay, off)
+					pc.inFlight++ // on its way already: no latency the sidecar could measure
 					continue
 				}
 				if _, ok := pc.pending[pageKey{m.Block, off}]; !ok && len(pc.pending) < 1<<16 {
 					pc.pending[pageKey{m.Block, off}] = now
 				}
 			}
-			again := pc.again
 			pc.mu.Unlock()
-			if again != nil {
-				r.sendAgain(again, m.Block, onWay, now)
-			}
 		case stream.RPShut:
 			pc.shutOnce.Do(func() { pc.shut <- m.Value })
 			if !pc.started.Load() {
@@ -137,31 +125,6 @@ func (r *Relay) bridgeReturnPath(dst io.Reader, src io.Writer) error {
 			return fmt.Errorf("the source's return path: %w", err)
 		}
 	}
-}
-
-// sendAgain sends the requested pages that are on their way again, as URGENT, where the link
-// still has their copies; the latency is then the time until the copy went.
-func (r *Relay) sendAgain(again *inFlight, block string, offs []uint64, asked time.Time) {
-	pc := &r.pc
-	for _, off := range offs {
-		ok, err := again.resend(block, off)
-		if err != nil {
-			return // the session failed: the engine reports it
-		}
-		if ok {
-			pc.mu.Lock()
-			pc.resent++
-			pc.sample(time.Since(asked))
-			pc.mu.Unlock()
-		}
-	}
-}
-
-// setInFlight installs the link's copies of the pages on their way (nil: none).
-func (r *Relay) setInFlight(f *inFlight) {
-	r.pc.mu.Lock()
-	r.pc.again = f
-	r.pc.mu.Unlock()
 }
 
 // pageSent notes a page that went to the destination while in postcopy: if it was requested,
@@ -266,7 +229,7 @@ func (r *Relay) postcopySummary() *PostcopySummary {
 	s := &PostcopySummary{Started: pc.started.Load()}
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
-	s.Requests, s.InFlight, s.Resent = pc.requests, pc.inFlight, pc.resent
+	s.Requests, s.InFlight = pc.requests, pc.inFlight
 	if s.Started {
 		s.PostcopyMs = time.Since(pc.startedAt).Milliseconds()
 	}
