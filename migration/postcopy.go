@@ -74,9 +74,13 @@ func givePostcopy(ctx context.Context, dst *qmp.Client) error {
 // page must not queue behind the background pages).
 func (m *migration) lowLatency() {
 	if m.o.Policy.Postcopy && m.dconn != nil {
-		transport.LowLatency(m.dconn, 128<<10)
+		transport.LowLatency(m.dconn, postcopyUnsent)
 	}
 }
+
+// postcopyUnsent is what a destination connection may hold unsent in postcopy (TCP_NOTSENT_LOWAT):
+// the relay's, and the receiver's of a link.
+const postcopyUnsent = 128 << 10
 
 // postcopyFailed reports a failure after the switch to postcopy: the source is never resumed.
 // It says what state each side is in and what to run.

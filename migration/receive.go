@@ -258,6 +258,9 @@ func (r *receiving) accept(h link.Hello) (link.Welcome, error) {
 		return w, refusal{fmt.Errorf("the destination QEMU is not reachable: %w", err)}
 	}
 	r.adoptDestination(dconn)
+	if postcopy {
+		transport.LowLatency(dconn, postcopyUnsent) // as the relay's: requested pages must not queue
+	}
 	w = link.Welcome{Connections: h.Connections, Compress: link.CodecNames(),
 		Destination: &link.Endpoint{QEMU: r.version, Machine: r.machine}}
 	if r.dst != nil {

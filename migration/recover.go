@@ -188,7 +188,7 @@ func (m *migration) recoverOnce(ctx context.Context, deadline time.Time, recover
 			dconn.Abort()
 		}
 	})
-	transport.LowLatency(dconn, 128<<10)
+	transport.LowLatency(dconn, postcopyUnsent)
 	start := time.Now()
 	m.event("recovery", "both sides connected again: resuming")
 	sum, err := m.engine.Resume(context.WithoutCancel(ctx), sconn, dconn)

@@ -179,6 +179,7 @@ func (r *receiving) recoverOnce(ctx context.Context, eng *savevm.Receiver, cfg l
 	*recovering = false // from here, a new break starts again from postcopy-paused
 	r.adoptSession(s)
 	r.adoptDestination(dconn)
+	transport.LowLatency(dconn, postcopyUnsent)
 	start := time.Now()
 	r.event("both sides connected again: resuming")
 	sum, err := eng.Resume(ctx, s, dconn)
