@@ -53,7 +53,7 @@ func (m *migration) recoverPostcopy(ctx context.Context, cause error) (Summary, 
 		} else {
 			err = m.recoverOnce(ctx, deadline, &recovering)
 		}
-		if err == nil {
+		if err == nil || m.nothingToRecover(err) {
 			return m.finish(m.resumedSum)
 		}
 		var gone *goneError
@@ -145,9 +145,6 @@ func (m *migration) recoverOnce(ctx context.Context, deadline time.Time, recover
 		}
 	}
 	if err := sourcePaused(qctx, m.src); err != nil {
-		if m.nothingToRecover(err) {
-			return nil
-		}
 		return err
 	}
 	if !*recovering {

@@ -34,9 +34,6 @@ func (m *migration) recoverLinkOnce(ctx context.Context, deadline time.Time) err
 	qctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := sourcePaused(qctx, m.src); err != nil {
-		if m.nothingToRecover(err) {
-			return nil
-		}
 		return err
 	}
 	cfg, err := m.o.linkConfig()
