@@ -62,20 +62,13 @@ func (m *socketMonitor) Connect() error {
 		m.conn.SetDeadline(time.Now().Add(m.timeout))
 	}
 	br := bufio.NewReaderSize(m.conn, 64<<10)
-	line, err := readLine(br)
-	if err != nil {
-		return fmt.Errorf("reading the greeting: %w", err)
-	}
-	var greeting struct {
-		QMP *json.RawMessage `json:"QMP"`
-	}
-	if err := json.Unmarshal(line, &greeting); err != nil || greeting.QMP == nil {
-		return fmt.Errorf("not a QMP greeting: %.100q", line)
-	}
-	if _, err := m.conn.Write([]byte(`{"execute":"qmp_capabilities"}` + "\n")); err != nil {
+	if err := readGreeting(br); err != nil {
 		return err
 	}
-	for {
+	if _, err := m.conn.Write([]byte(`{"execute":"qmp_capabilities","id":"` + capsID + `"}` + "\n")); err != nil {
+		return err
+	}
+	for stale := 0; ; {
 		line, err := readLine(br)
 		if err != nil {
 			return fmt.Errorf("waiting for the qmp_capabilities reply: %w", err)
@@ -83,6 +76,13 @@ func (m *socketMonitor) Connect() error {
 		if ev, ok := parseEvent(line); ok {
 			m.early = append(m.early, ev)
 			continue
+		}
+		var r struct {
+			ID json.RawMessage `json:"id"`
+		}
+		if json.Unmarshal(line, &r) == nil && string(r.ID) != `"`+capsID+`"` && stale < maxStaleLines {
+			stale++
+			continue // a reply for the previous client, sent after the greeting
 		}
 		if err := replyError(line); err != nil {
 			return err
@@ -95,6 +95,48 @@ func (m *socketMonitor) Connect() error {
 	m.done = make(chan struct{})
 	go m.read(br)
 	return nil
+}
+
+// maxStaleLines bounds the replies and events skipped before the greeting, and the replies
+// skipped before qmp_capabilities' own.
+const maxStaleLines = 16
+
+// capsID tags the handshake's qmp_capabilities so that its reply, which QEMU returns with the
+// same id, is told apart from a previous client's late reply (see readGreeting).
+const capsID = "qmg-caps"
+
+// readGreeting reads up to the QMP greeting. QEMU can send a reply meant for the previous
+// client first: its monitor writes replies from the main thread but runs the connection, and
+// the greeting, on its own I/O thread, and it keeps unsent output across a reconnect. A client
+// that gave up on a command (its context was cancelled, so it closed the connection) and
+// reconnects at once — the sidecar restoring the source after an interrupt — then reads that
+// command's reply before the greeting (or after it: Connect matches qmp_capabilities' reply by
+// its id). Such lines, and events, are skipped (at most maxStaleLines); anything else is not a
+// QMP monitor.
+func readGreeting(br *bufio.Reader) error {
+	for i := 0; ; i++ {
+		line, err := readLine(br)
+		if err != nil {
+			return fmt.Errorf("reading the greeting: %w", err)
+		}
+		var first struct {
+			QMP    *json.RawMessage `json:"QMP"`
+			Return *json.RawMessage `json:"return"`
+			Error  *json.RawMessage `json:"error"`
+			Event  string           `json:"event"`
+		}
+		if err := json.Unmarshal(line, &first); err != nil {
+			return fmt.Errorf("not a QMP greeting: %.100q", line)
+		}
+		switch {
+		case first.QMP != nil:
+			return nil
+		case (first.Return != nil || first.Error != nil || first.Event != "") && i < maxStaleLines:
+			continue // the previous client's reply, or an event, sent before the greeting
+		default:
+			return fmt.Errorf("not a QMP greeting: %.100q", line)
+		}
+	}
 }
 
 // read delivers replies and events until the connection ends.

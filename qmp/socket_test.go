@@ -44,6 +44,9 @@ func expect(t *testing.T, in *bufio.Scanner, cmd string) bool {
 	return true
 }
 
+// capsReply is QEMU's answer to the handshake's qmp_capabilities, which echoes its id.
+const capsReply = `{"return": {}, "id": "` + capsID + `"}`
+
 const event = `{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "MIGRATION", "data": {"status": "active"}}`
 
 // TestReplyNotOverwritten: a reply stays what QEMU sent while the next lines (an event, the
@@ -55,7 +58,7 @@ func TestReplyNotOverwritten(t *testing.T) {
 		if !expect(t, in, "qmp_capabilities") {
 			return
 		}
-		c.Write([]byte(`{"return": {}}` + "\n"))
+		c.Write([]byte(capsReply + "\n"))
 		if !expect(t, in, "query-migrate") {
 			return
 		}
@@ -100,7 +103,7 @@ func TestEventDuringHandshake(t *testing.T) {
 		}
 		c.Write([]byte(event + "\n"))
 		time.Sleep(10 * time.Millisecond)
-		c.Write([]byte(`{"return": {}}` + "\n"))
+		c.Write([]byte(capsReply + "\n"))
 		if !expect(t, in, "query-status") {
 			return
 		}
@@ -131,7 +134,7 @@ func TestErrorsAndLimits(t *testing.T) {
 		if !expect(t, in, "qmp_capabilities") {
 			return
 		}
-		c.Write([]byte(`{"return": {}}` + "\n"))
+		c.Write([]byte(capsReply + "\n"))
 		if !expect(t, in, "cont") {
 			return
 		}
@@ -162,5 +165,82 @@ func TestErrorsAndLimits(t *testing.T) {
 	}
 	if _, err := c.QueryStatus(ctx); err == nil || !strings.Contains(err.Error(), "longer than") {
 		t.Errorf("query-status on an endless line: %v", err)
+	}
+}
+
+// TestStaleReplyBeforeGreeting: a reply to the previous client's command, sent before the
+// greeting or before qmp_capabilities' own reply, is skipped; a line that is neither a greeting nor a reply fails the handshake. A fake
+// stands in for QEMU here: the race that makes QEMU do this (a reply written from its main thread
+// while its I/O thread accepts the next client) cannot be made to happen on demand. It did happen
+// in CI's fault matrix (sigint/iterate/10.0), where the sidecar reconnects right after closing
+// a connection with query-migrate outstanding.
+func TestStaleReplyBeforeGreeting(t *testing.T) {
+	const stale = `{"return": {"status": "failed", "error-desc": "Channel error: Input/output error"}}`
+	serve := func(t *testing.T, first, afterGreeting string) string {
+		path := filepath.Join(t.TempDir(), "qmp.sock")
+		l, err := net.Listen("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Close() })
+		go func() {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			c.Write([]byte(first + "\n"))
+			c.Write([]byte(`{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}` + "\n"))
+			in := bufio.NewScanner(c)
+			if !in.Scan() || !strings.Contains(in.Text(), "qmp_capabilities") {
+				return
+			}
+			if afterGreeting != "" {
+				c.Write([]byte(afterGreeting + "\n"))
+			}
+			c.Write([]byte(capsReply + "\n"))
+			if !in.Scan() || !strings.Contains(in.Text(), "query-status") {
+				return
+			}
+			c.Write([]byte(`{"return": {"status": "running", "running": true}}` + "\n"))
+			time.Sleep(200 * time.Millisecond)
+		}()
+		return path
+	}
+	for _, tc := range []struct {
+		name, first, afterGreeting string
+		ok                         bool
+	}{
+		{"stale-reply", stale, "", true},
+		{"stale-error", `{"error": {"class": "GenericError", "desc": "no migration"}}`, "", true},
+		{"event", event, "", true},
+		{"stale-reply-after-greeting", event, stale, true},
+		{"empty-stale-reply-after-greeting", event, `{"return": {}}`, true},
+		{"not-qmp", `{"hello": 1}`, "", false},
+		{"not-json", `SSH-2.0-OpenSSH_9.2`, "", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			mon, err := newSocketMonitor("unix", serve(t, tc.first, tc.afterGreeting), 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c, err := New(ctx, mon)
+			if !tc.ok {
+				if err == nil || !strings.Contains(err.Error(), "not a QMP greeting") {
+					t.Fatalf("handshake: %v; want not a QMP greeting", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			st, err := c.QueryStatus(ctx)
+			if err != nil || st.Status != "running" {
+				t.Errorf("query-status: %+v, %v; want its own reply, running", st, err)
+			}
+		})
 	}
 }
