@@ -332,21 +332,39 @@ func parseRaw(t FrameType, p []byte, nonEmpty bool) (uint64, []byte, error) {
 	return seq, data, d.done()
 }
 
-// End is END: the stream is complete up to its EOF (PROTOCOL.md §5).
+// End is END: the stream is complete up to its EOF (PROTOCOL.md §5). After a postcopy switch
+// it also says how many URGENT frames the sender wrote on this session (§7.1): they travel on
+// the control connection, which END's data connection can overtake, and the receiver must
+// have written every one of them before its destination's stream ends.
 type End struct {
 	Seq       uint64
 	HasVMDesc bool
 	VMDesc    []byte
+	HasUrgent bool
+	Urgent    uint64
 }
+
+// END's flags.
+const (
+	endVMDesc = 1 << iota // the vmdesc follows
+	endUrgent             // a be64 count of URGENT frames follows (before any vmdesc)
+)
 
 func (e End) Append(dst []byte) []byte {
 	st := len(dst)
 	dst = begin(dst, FrameEnd, e.Seq)
 	var fl byte
 	if e.HasVMDesc {
-		fl = 1
+		fl |= endVMDesc
 	}
-	return finish(append(append(dst, fl), e.VMDesc...), st)
+	if e.HasUrgent {
+		fl |= endUrgent
+	}
+	dst = append(dst, fl)
+	if e.HasUrgent {
+		dst = binary.BigEndian.AppendUint64(dst, e.Urgent)
+	}
+	return finish(append(dst, e.VMDesc...), st)
 }
 
 // ParseEnd decodes END's payload; VMDesc aliases it.
@@ -354,10 +372,13 @@ func ParseEnd(p []byte) (End, error) {
 	d, seq := newDec(FrameEnd, p)
 	e := End{Seq: seq}
 	fl := d.u8("flags")
-	if fl&^1 != 0 && d.err == nil {
+	if fl&^(endVMDesc|endUrgent) != 0 && d.err == nil {
 		d.err = fmt.Errorf("unknown END flags 0x%x", fl)
 	}
-	e.HasVMDesc = fl&1 != 0
+	e.HasVMDesc = fl&endVMDesc != 0
+	if e.HasUrgent = fl&endUrgent != 0; e.HasUrgent {
+		e.Urgent = d.u64("urgent count")
+	}
 	e.VMDesc = d.rest()
 	if !e.HasVMDesc && len(e.VMDesc) > 0 && d.err == nil {
 		d.err = errors.New("vmdesc bytes without the vmdesc flag")

@@ -149,6 +149,8 @@ func dataFrameCases() map[string]dataFrame {
 		"END empty vmdesc":       End{Seq: 9, HasVMDesc: true},
 		"END vmdesc":             End{Seq: 9, HasVMDesc: true, VMDesc: []byte(`{"page_size":4096,"devices":[]}`)},
 		"END 16 MiB vmdesc":      End{Seq: 9, HasVMDesc: true, VMDesc: filled(16<<20, 5)},
+		"END urgent count":       End{Seq: 9, HasUrgent: true, Urgent: 4096},
+		"END no urgent":          End{Seq: 9, HasUrgent: true},
 		"SECTION START seq zero": Section{Seq: 0, Type: StartSection, ID: 1, Idstr: "timer"},
 	}
 }
@@ -282,7 +284,8 @@ func TestDataFrameRefusals(t *testing.T) {
 		{"COMMAND no command", FrameCommand, payload(seq, u8(1)), "command at payload offset 8", true},
 		{"COMMAND payload too long", FrameCommand, payload(seq, u16(2), make([]byte, 0x10000)), "command payload of 65536 bytes", false},
 		{"END no flags", FrameEnd, payload(seq), "flags at payload offset 8", true},
-		{"END unknown flags", FrameEnd, payload(seq, u8(3)), "unknown END flags 0x3", false},
+		{"END unknown flags", FrameEnd, payload(seq, u8(4)), "unknown END flags 0x4", false},
+		{"END short urgent count", FrameEnd, payload(seq, u8(2), u32(1)), "urgent count at payload offset 9", true},
 		{"END vmdesc without flag", FrameEnd, payload(seq, u8(0), "{}"), "vmdesc bytes without the vmdesc flag", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

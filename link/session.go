@@ -105,10 +105,11 @@ type Session struct {
 	returns chan []byte
 	// urgent holds the URGENT frames (receiver, feature postcopy) not yet taken by NextFrame,
 	// under rmu.
-	urgent []Frame
-	retMu  sync.Mutex
-	retBuf []byte
-	retEOF bool
+	urgent     []Frame
+	urgentSent atomic.Uint64 // sender: URGENT frames written
+	retMu      sync.Mutex
+	retBuf     []byte
+	retEOF     bool
 
 	lastHeard atomic.Int64 // unix ns of the last control frame from the peer
 	received  atomic.Int64 // data bytes read
@@ -292,8 +293,16 @@ func (s *Session) PeerPing() (Ping, bool) {
 
 // SendUrgent sends a page the destination asked for ahead of the queued data (URGENT).
 func (s *Session) SendUrgent(u Urgent) error {
-	return s.SendControl(FrameUrgent, u.Append(make([]byte, 0, 10+len(u.Data))))
+	if err := s.SendControl(FrameUrgent, u.Append(make([]byte, 0, 10+len(u.Data)))); err != nil {
+		return err
+	}
+	s.urgentSent.Add(1)
+	return nil
 }
+
+// UrgentSent is how many URGENT frames this session has written: what a postcopy's END says
+// (PROTOCOL.md §7.1).
+func (s *Session) UrgentSent() uint64 { return s.urgentSent.Load() }
 
 // SendReturn sends return-path bytes of the destination to the sender (RETURN frames of at most
 // MaxReturnChunk bytes); an empty b says that the destination closed its return path.
@@ -1019,6 +1028,38 @@ func (s *Session) NextFrame(deadline time.Time, urgent bool) (Frame, error) {
 		}
 		if !deadline.IsZero() && !time.Now().Before(deadline) {
 			return Frame{}, fmt.Errorf("%w: data frame %d did not arrive in time (%d frames held)", ErrStalled, s.next, len(s.pending))
+		}
+		s.rcond.Wait()
+	}
+}
+
+// NextUrgent waits for the next URGENT frame until deadline: the ones a postcopy's END counts
+// that have not arrived yet (PROTOCOL.md §7.1). Its payload is the caller's.
+func (s *Session) NextUrgent(deadline time.Time) (Frame, error) {
+	timer := time.AfterFunc(time.Until(deadline), func() {
+		s.rmu.Lock()
+		s.rcond.Broadcast()
+		s.rmu.Unlock()
+	})
+	defer timer.Stop()
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	for {
+		if len(s.urgent) > 0 {
+			f := s.urgent[0]
+			s.urgent = s.urgent[1:]
+			return f, nil
+		}
+		select {
+		case <-s.done:
+			if err := s.Err(); err != nil {
+				return Frame{}, err
+			}
+			return Frame{}, errors.New("link: closed")
+		default:
+		}
+		if !time.Now().Before(deadline) {
+			return Frame{}, fmt.Errorf("%w: an URGENT frame that END counts did not arrive in time", ErrStalled)
 		}
 		s.rcond.Wait()
 	}

@@ -79,6 +79,9 @@ type Receiver struct {
 	// RESUME); ramID is the ram section that wraps one that arrives between sections.
 	sectionThisRun bool
 	ramID          uint32
+	// urgentTaken counts the URGENT frames written in this run, for END's count (PROTOCOL.md
+	// §7.1): an URGENT frame can arrive after END, on its own connection.
+	urgentTaken uint64
 }
 
 // NewReceiver prepares the engine for one link session writing to dst (the local destination
@@ -158,7 +161,7 @@ func (r *Receiver) Run(ctx context.Context) (Summary, error) {
 		r.rpClosed = make(chan struct{})
 		go r.forwardReturnPath(rd, r.s, r.rpClosed)
 	}
-	r.sectionThisRun = false
+	r.sectionThisRun, r.urgentTaken = false, 0
 	r.sink = newAsyncSink(&countingWriter{w: r.dst, n: &r.bytesOut})
 	r.w = stream.NewWriter(r.sink)
 	r.dec = link.NewDecoder()
@@ -250,6 +253,7 @@ func (r *Receiver) loop() error {
 			if err := r.urgent(f); err != nil {
 				return err
 			}
+			r.urgentTaken++
 			if !r.s.DataWaiting() {
 				if err := r.w.Push(); err != nil {
 					return r.local(err)
@@ -264,6 +268,9 @@ func (r *Receiver) loop() error {
 		}
 		if end != nil {
 			if r.switched.Load() {
+				if err := r.lateUrgent(end); err != nil {
+					return err
+				}
 				return r.completePostcopy()
 			}
 			return r.complete(end)
@@ -276,6 +283,31 @@ func (r *Receiver) loop() error {
 			}
 		}
 	}
+}
+
+// lateUrgent writes the URGENT frames that a postcopy's END counts and that have not come yet:
+// they travel on the control connection, END on a data connection, and a page the destination
+// asked for just before the end would otherwise never reach it (its guest would find the page
+// zero once postcopy ends, PROTOCOL.md §7.1).
+func (r *Receiver) lateUrgent(end *link.End) error {
+	if !end.HasUrgent {
+		return errors.New("link: END after the postcopy switch without its count of URGENT frames")
+	}
+	if end.Urgent < r.urgentTaken {
+		return fmt.Errorf("link: END counts %d URGENT frames, %d came", end.Urgent, r.urgentTaken)
+	}
+	deadline := time.Now().Add(r.opt.StallTimeout)
+	for r.urgentTaken < end.Urgent {
+		f, err := r.s.NextUrgent(deadline)
+		if err != nil {
+			return fmt.Errorf("after END, URGENT frame %d of %d: %w", r.urgentTaken+1, end.Urgent, err)
+		}
+		if err := r.urgent(f); err != nil {
+			return err
+		}
+		r.urgentTaken++
+	}
+	return nil
 }
 
 // grammar errors name the frame.

@@ -240,7 +240,8 @@ func (o *linkOutput) finishWrite() error {
 	if err := o.flushDevice(); err != nil {
 		return err
 	}
-	if err := o.submit(link.End{Seq: o.next()}.Append(small(16))); err != nil {
+	// END counts the URGENT frames, which may reach the receiver after it (PROTOCOL.md §7.1).
+	if err := o.submit(link.End{Seq: o.next(), HasUrgent: true, Urgent: o.s.UrgentSent()}.Append(small(24))); err != nil {
 		return err
 	}
 	if err := o.drain(); err != nil {
