@@ -993,6 +993,11 @@ const maxUrgent = 4096
 // NextFrame is NextData, except that with urgent an URGENT frame that has arrived comes first,
 // out of sequence (PROTOCOL.md §7.1). Its payload is the caller's (not for ReleaseData).
 func (s *Session) NextFrame(deadline time.Time, urgent bool) (Frame, error) {
+	return s.nextFrame(deadline, urgent, true)
+}
+
+// nextFrame waits for an URGENT frame (urgent) or the next data frame (data).
+func (s *Session) nextFrame(deadline time.Time, urgent, data bool) (Frame, error) {
 	var timer *time.Timer
 	if !deadline.IsZero() {
 		timer = time.AfterFunc(time.Until(deadline), func() {
@@ -1010,7 +1015,7 @@ func (s *Session) NextFrame(deadline time.Time, urgent bool) (Frame, error) {
 			s.urgent = s.urgent[1:]
 			return f, nil
 		}
-		if f, ok := s.pending[s.next]; ok {
+		if f, ok := s.pending[s.next]; ok && data {
 			delete(s.pending, s.next)
 			s.held -= len(f.Payload)
 			s.applied.Store(s.next)
@@ -1027,6 +1032,9 @@ func (s *Session) NextFrame(deadline time.Time, urgent bool) (Frame, error) {
 		default:
 		}
 		if !deadline.IsZero() && !time.Now().Before(deadline) {
+			if !data {
+				return Frame{}, fmt.Errorf("%w: an URGENT frame that END counts did not arrive in time", ErrStalled)
+			}
 			return Frame{}, fmt.Errorf("%w: data frame %d did not arrive in time (%d frames held)", ErrStalled, s.next, len(s.pending))
 		}
 		s.rcond.Wait()
@@ -1036,33 +1044,7 @@ func (s *Session) NextFrame(deadline time.Time, urgent bool) (Frame, error) {
 // NextUrgent waits for the next URGENT frame until deadline: the ones a postcopy's END counts
 // that have not arrived yet (PROTOCOL.md §7.1). Its payload is the caller's.
 func (s *Session) NextUrgent(deadline time.Time) (Frame, error) {
-	timer := time.AfterFunc(time.Until(deadline), func() {
-		s.rmu.Lock()
-		s.rcond.Broadcast()
-		s.rmu.Unlock()
-	})
-	defer timer.Stop()
-	s.rmu.Lock()
-	defer s.rmu.Unlock()
-	for {
-		if len(s.urgent) > 0 {
-			f := s.urgent[0]
-			s.urgent = s.urgent[1:]
-			return f, nil
-		}
-		select {
-		case <-s.done:
-			if err := s.Err(); err != nil {
-				return Frame{}, err
-			}
-			return Frame{}, errors.New("link: closed")
-		default:
-		}
-		if !time.Now().Before(deadline) {
-			return Frame{}, fmt.Errorf("%w: an URGENT frame that END counts did not arrive in time", ErrStalled)
-		}
-		s.rcond.Wait()
-	}
+	return s.nextFrame(deadline, true, false)
 }
 
 // DataWaiting reports whether the next data frame in sequence order has arrived (NextData

@@ -18,6 +18,12 @@ import (
 // fakeQMP serves one connection on a unix socket: the greeting, then script(conn, lines).
 func fakeQMP(t *testing.T, script func(c net.Conn, in *bufio.Scanner)) string {
 	t.Helper()
+	return fakeQMPAfter(t, "", script)
+}
+
+// fakeQMPAfter is fakeQMP with a line sent before the greeting ("" for none).
+func fakeQMPAfter(t *testing.T, first string, script func(c net.Conn, in *bufio.Scanner)) string {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "qmp.sock")
 	l, err := net.Listen("unix", path)
 	if err != nil {
@@ -30,6 +36,9 @@ func fakeQMP(t *testing.T, script func(c net.Conn, in *bufio.Scanner)) string {
 			return
 		}
 		defer c.Close()
+		if first != "" {
+			c.Write([]byte(first + "\n"))
+		}
 		c.Write([]byte(`{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}` + "\n"))
 		script(c, bufio.NewScanner(c))
 	}()
@@ -177,35 +186,20 @@ func TestErrorsAndLimits(t *testing.T) {
 func TestStaleReplyBeforeGreeting(t *testing.T) {
 	const stale = `{"return": {"status": "failed", "error-desc": "Channel error: Input/output error"}}`
 	serve := func(t *testing.T, first, afterGreeting string) string {
-		path := filepath.Join(t.TempDir(), "qmp.sock")
-		l, err := net.Listen("unix", path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { l.Close() })
-		go func() {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close()
-			c.Write([]byte(first + "\n"))
-			c.Write([]byte(`{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}` + "\n"))
-			in := bufio.NewScanner(c)
+		return fakeQMPAfter(t, first, func(c net.Conn, in *bufio.Scanner) {
 			if !in.Scan() || !strings.Contains(in.Text(), "qmp_capabilities") {
-				return
+				return // a client that refused the greeting hangs up
 			}
 			if afterGreeting != "" {
 				c.Write([]byte(afterGreeting + "\n"))
 			}
 			c.Write([]byte(capsReply + "\n"))
-			if !in.Scan() || !strings.Contains(in.Text(), "query-status") {
+			if !expect(t, in, "query-status") {
 				return
 			}
 			c.Write([]byte(`{"return": {"status": "running", "running": true}}` + "\n"))
 			time.Sleep(200 * time.Millisecond)
-		}()
-		return path
+		})
 	}
 	for _, tc := range []struct {
 		name, first, afterGreeting string
