@@ -434,10 +434,22 @@ func startNetnsProc(t *testing.T, h *NetHost, bin string, args ...string) *netns
 	if err := pr.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	var events io.Writer = io.Discard
+	if dir := os.Getenv("QMG_BENCH_EVENTS"); dir != "" {
+		// QMG_BENCH_EVENTS=DIR keeps each sidecar's --json events, to see where a run's time went.
+		side := strings.Fields(name)[0]
+		f, err := os.Create(filepath.Join(dir, strings.NewReplacer("/", "_").Replace(t.Name())+"-"+side+".jsonl"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		events = f
+	}
 	go func() {
 		sc := bufio.NewScanner(out)
 		sc.Buffer(make([]byte, 64<<10), 1<<20)
 		for sc.Scan() {
+			fmt.Fprintln(events, sc.Text())
 			pr.mu.Lock()
 			pr.last = sc.Text()
 			pr.mu.Unlock()

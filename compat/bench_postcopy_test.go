@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -239,8 +240,9 @@ func recoveryAfterHeal(t *testing.T, q QEMU, down time.Duration, overLink bool) 
 	if overLink {
 		np = NewNetPair(t, NetOptions{})
 		uri = fmt.Sprintf("tcp:127.0.0.1:%d", np.NextPort()) // the receiver's destination is on its own host
-		dst = StartVM(t, VMConfig{Name: "dst", QEMU: q, Disk: GuestDirty(), Incoming: uri, Netns: np.Dst.Name})
-		src = StartVM(t, VMConfig{Name: "src", QEMU: q, Disk: GuestDirty()})
+		srcTrace, dstTrace := soakTrace(t)
+		dst = StartVM(t, VMConfig{Name: "dst", QEMU: q, Disk: GuestDirty(), Incoming: uri, Netns: np.Dst.Name, Extra: dstTrace})
+		src = StartVM(t, VMConfig{Name: "src", QEMU: q, Disk: GuestDirty(), Extra: srcTrace})
 		if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
 			t.Fatal(err)
 		}
@@ -286,6 +288,9 @@ func recoveryAfterHeal(t *testing.T, q QEMU, down time.Duration, overLink bool) 
 			if e.Type == "recovery" || e.Type == "phase" {
 				t.Logf("%s receiver %s: %s %s", e.Time.Format("15:04:05.000"), e.Type, e.Phase, e.Message)
 			}
+			if e.Type == "summary" && e.Summary != nil && e.Summary.Link != nil && e.Summary.Link.LateUrgent > 0 {
+				t.Logf("receiver: %d URGENT frames came after END (PROTOCOL.md §7.1)", e.Summary.Link.LateUrgent)
+			}
 		}
 		recv, send := startLinkPostcopy(t, ctx, ends, NewTestPKI(t, np.Dst.Addr.String()), src, dst, uri, hook, recvLog, "--postcopy-bandwidth", "8000000")
 		waitRecovered(t, send)
@@ -306,11 +311,47 @@ func recoveryAfterHeal(t *testing.T, q QEMU, down time.Duration, overLink bool) 
 	return joined.Sub(healed), true
 }
 
+// soakTrace returns QEMU tracing arguments for the source and the destination when
+// QMG_SOAK_TRACE names a folder: each run traces the pages sent, requested, discarded and placed
+// into its own subfolder, which is kept only when the run fails. The traces let a stale page be
+// followed (a placement's host address minus the fault requests' HVA-offset base is the page).
+func soakTrace(t *testing.T) (src, dst []string) {
+	root := os.Getenv("QMG_SOAK_TRACE")
+	if root == "" {
+		return nil, nil
+	}
+	dir := filepath.Join(root, strings.NewReplacer("/", "_").Replace(t.Name()))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if !t.Failed() {
+			os.RemoveAll(dir)
+		} else {
+			t.Logf("QEMU traces kept in %s", dir)
+		}
+	})
+	tr := func(name string, events ...string) []string {
+		a := []string{"-D", filepath.Join(dir, name+".log"), "-msg", "timestamp=on"}
+		for _, e := range events {
+			a = append(a, "-trace", e)
+		}
+		return a
+	}
+	return tr("src", "ram_save_page", "get_queued_page*", "ram_save_queue_pages", "ram_dirty_bitmap*",
+			"postcopy_discard_send*", "postcopy_start*", "postcopy_pause*", "migration_bitmap_sync_end"),
+		tr("dst", "ram_load_loop", "ram_load_postcopy_loop", "postcopy_place_page*", "ram_discard_range",
+			"postcopy_ram_fault_thread_request", "postcopy_page_req*", "loadvm_postcopy*", "postcopy_pause*",
+			"migrate_send_rp_recv_bitmap")
+}
+
 // TestSoakPostcopyRecover repeats the recovery of TestBenchPostcopy (issue 11) QMG_SOAK times
 // (default 0: skipped), over the link unless QMG_SOAK_RELAY is set, and stops at the first run
 // whose destination memory is wrong: a rare corruption shows only in many runs.
 //
 //	QMG_SOAK=40 go test -count=1 -run '^TestSoakPostcopyRecover$' -v -timeout 4h ./compat/
+//
+// QMG_SOAK_TRACE=DIR traces both QEMUs of each link run (soakTrace).
 func TestSoakPostcopyRecover(t *testing.T) {
 	n := benchEnv("QMG_SOAK", 0)
 	if n == 0 {

@@ -82,6 +82,7 @@ type Receiver struct {
 	// urgentTaken counts the URGENT frames written in this run, for END's count (PROTOCOL.md
 	// §7.1): an URGENT frame can arrive after END, on its own connection.
 	urgentTaken uint64
+	lateTaken   int64 // URGENT frames after END, all runs
 }
 
 // NewReceiver prepares the engine for one link session writing to dst (the local destination
@@ -208,7 +209,7 @@ func (r *Receiver) summary(start time.Time) Summary {
 	sum.TotalTimeMs = time.Since(r.firstStart).Milliseconds() // a resumed receiver counts from the first start
 	sum.BytesIn, sum.BytesOut = r.s.BytesReceived(), r.bytesOut.Load()
 	sum.NormalPages, sum.ZeroPages, sum.XBZRLEPages = r.normal.Load(), r.zero.Load(), r.xbzrle.Load()
-	sum.Link = &LinkSummary{Connections: r.s.Connections(), BytesOnLink: r.s.BytesReceived()}
+	sum.Link = &LinkSummary{Connections: r.s.Connections(), BytesOnLink: r.s.BytesReceived(), LateUrgent: r.lateTaken}
 	return sum
 }
 
@@ -306,6 +307,7 @@ func (r *Receiver) lateUrgent(end *link.End) error {
 			return err
 		}
 		r.urgentTaken++
+		r.lateTaken++
 	}
 	return nil
 }

@@ -78,8 +78,10 @@ func TestBugUrgentAfterEnd(t *testing.T) {
 	qemu, dst := tcpPair(t)
 	r := NewReceiver(rcv, dst, ReceiveOptions{StallTimeout: 5 * time.Second})
 	ran := make(chan error, 1)
+	var sum Summary
 	go func() {
-		_, err := r.Run(context.Background())
+		var err error
+		sum, err = r.Run(context.Background())
 		ran <- err
 	}()
 	var cfg []byte
@@ -124,6 +126,9 @@ func TestBugUrgentAfterEnd(t *testing.T) {
 	case err := <-ran:
 		if err != nil {
 			t.Fatalf("receiver: %v", err)
+		}
+		if sum.Link == nil || sum.Link.LateUrgent != 1 {
+			t.Errorf("summary %+v: want 1 URGENT frame after END", sum.Link)
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the receiver did not finish")

@@ -46,6 +46,9 @@ type LinkSummary struct {
 	// UrgentPages went ahead of the queued data frames (postcopy: pages the destination asked
 	// for, PROTOCOL.md §7.1).
 	UrgentPages int64 `json:"urgent_pages,omitempty"`
+	// LateUrgent (receiver) counts the URGENT frames that came after the END of a postcopy,
+	// written before its EOF all the same (PROTOCOL.md §7.1).
+	LateUrgent int64 `json:"late_urgent,omitempty"`
 }
 
 // NewLinkRelay prepares a migration from src (the source QEMU's connection) over an established
