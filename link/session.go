@@ -115,6 +115,10 @@ type Session struct {
 	received  atomic.Int64 // data bytes read
 	sent      atomic.Int64 // data bytes written
 	peer      atomic.Pointer[Ping]
+	// The sender's view of the receiver's progress, from its PINGs (Backlog).
+	peerMu   sync.Mutex
+	peerAt   time.Time // when the latest PING came
+	peerRate float64   // smoothed data bytes/s the receiver has been reading
 
 	// Sender.
 	out     chan []byte
@@ -282,6 +286,55 @@ func (s *Session) writeControl(t FrameType, payload []byte, timeout time.Duratio
 // STATUS, and VERIFY, HASHES, VERDICT); their payloads are copies. PING, PONG and ERROR are handled by the session.
 func (s *Session) Control() <-chan Frame { return s.control }
 
+// notePeer keeps the peer's latest PING and the rate at which the receiver reads data.
+func (s *Session) notePeer(p Ping) {
+	now := time.Now()
+	s.peerMu.Lock()
+	defer s.peerMu.Unlock()
+	if prev := s.peer.Load(); prev != nil && p.Received >= prev.Received {
+		if dt := now.Sub(s.peerAt).Seconds(); dt > 0 {
+			inst := float64(p.Received-prev.Received) / dt
+			if s.peerRate == 0 {
+				s.peerRate = inst
+			} else {
+				s.peerRate = 0.5*s.peerRate + 0.5*inst
+			}
+		}
+	}
+	s.peer.Store(&p)
+	s.peerAt = now
+}
+
+// Backlog is how long the receiver needs to read what the sender has written to its
+// connections and it has not read yet (the kernels' buffers and the network hold it), at the
+// rate it has been reading: time a switchover would add to the downtime. It counts from the
+// receiver's PINGs (every 100 ms), allowing for what it read since the latest; ok is false
+// before it has sent two, or when it reads nothing while data waits.
+func (s *Session) Backlog() (time.Duration, bool) {
+	p := s.peer.Load()
+	if p == nil {
+		return 0, false
+	}
+	s.peerMu.Lock()
+	rate, at := s.peerRate, s.peerAt
+	s.peerMu.Unlock()
+	waiting := float64(s.sent.Load()) - float64(p.Received) - rate*time.Since(at).Seconds()
+	switch {
+	case waiting <= 0:
+		return 0, true
+	case rate <= 0:
+		return 0, false
+	}
+	return time.Duration(waiting / rate * float64(time.Second)), true
+}
+
+// receiverPing is how often the receiver sends PING: often enough for the sender's policy to
+// see its backlog (Backlog) at a dirty sync. The sender's are for liveness only.
+const (
+	receiverPing = 100 * time.Millisecond
+	senderPing   = time.Second
+)
+
 // PeerPing is the peer's latest PING (the receiver's view of the data flow), if any.
 func (s *Session) PeerPing() (Ping, bool) {
 	p := s.peer.Load()
@@ -396,7 +449,7 @@ func (s *Session) readControl() {
 				s.refuse(&ProtocolError{Conn: s.ctl.name, Offset: f.Offset, Type: f.Type, Err: err})
 				return
 			}
-			s.peer.Store(&p)
+			s.notePeer(p)
 			s.writeControl(FramePong, p.Append(nil)[:8], s.cfg.Timeout)
 		case FramePong:
 		case FrameError:
@@ -456,7 +509,11 @@ func (s *Session) readControl() {
 
 func (s *Session) heartbeat() {
 	defer s.wg.Done()
-	t := time.NewTicker(time.Second)
+	every := senderPing
+	if s.side == "receiver" {
+		every = receiverPing
+	}
+	t := time.NewTicker(every)
 	defer t.Stop()
 	var nonce uint64
 	for {

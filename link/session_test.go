@@ -808,3 +808,71 @@ func TestAbortLeavesNothing(t *testing.T) {
 	rcv.Close()
 	goleak.VerifyNone(t, before)
 }
+
+// TestBacklog: what the sender has written and the receiver has not read yet shows in Backlog
+// (from the receiver's PINGs, every 100 ms), and goes once the receiver has caught up. The
+// receiver's small window makes it read its connection only as fast as its application takes
+// frames, slowly at first.
+func TestBacklog(t *testing.T) {
+	t.Parallel()
+	rcfg := Config{HandshakeTimeout: testWait, Window: 64 << 10}
+	snd, rcv, _ := linkPair(t, rcfg, quick, 1, false)
+	const frames, slow = 3000, 400
+	sent := make(chan error, 1)
+	go func() {
+		for seq := uint64(1); seq <= frames; seq++ {
+			if err := snd.SendData(testFrame(seq)); err != nil {
+				sent <- err
+				return
+			}
+		}
+		sent <- nil
+	}()
+	got := make(chan error, 1)
+	go func() {
+		for seq := uint64(1); seq <= frames; seq++ {
+			f, err := rcv.NextData(time.Now().Add(testWait))
+			if err != nil {
+				got <- err
+				return
+			}
+			rcv.ReleaseData(f)
+			if seq < slow {
+				time.Sleep(2 * time.Millisecond)
+			}
+		}
+		got <- nil
+	}()
+	var most time.Duration
+	for done := false; !done; {
+		select {
+		case err := <-got:
+			if err != nil {
+				t.Fatal(err)
+			}
+			done = true
+		case <-time.After(20 * time.Millisecond):
+			if b, ok := snd.Backlog(); ok {
+				most = max(most, b)
+			}
+		}
+	}
+	if err := <-sent; err != nil {
+		t.Fatal(err)
+	}
+	if most < 20*time.Millisecond {
+		t.Errorf("the largest backlog seen while the receiver was slow: %v", most)
+	}
+	deadline := time.Now().Add(testWait)
+	for {
+		if b, ok := snd.Backlog(); ok && b == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			b, ok := snd.Backlog()
+			t.Fatalf("backlog %v %v after the receiver took everything", b, ok)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("largest backlog while slow: %v", most)
+}

@@ -105,8 +105,10 @@ type Event struct {
 	// Forwarding rate and the guest's dirty rate, bytes/s.
 	Rate      float64 `json:"rate"`
 	DirtyRate float64 `json:"dirty_rate"`
-	// Remaining / Rate: the downtime a switchover now would cost.
+	// Remaining / Rate: the downtime a switchover now would cost; over a link, plus
+	// LinkBacklogMs, how long the receiver needs for what is already on its way.
 	ExpectedDowntimeMs int64 `json:"expected_downtime_ms"`
+	LinkBacklogMs      int64 `json:"link_backlog_ms,omitempty"`
 	// DowntimeBudgetMs is the policy's --downtime (in the first "phase" event and in "policy"
 	// events).
 	DowntimeBudgetMs int64 `json:"downtime_budget_ms,omitempty"`
@@ -205,10 +207,12 @@ type Relay struct {
 	cpus       []CPUState        // KeepCPUState (r.mu)
 	cpuBytes   int
 	vmdesc     []byte
-	// newLinkOutput makes the link output instead of a QEMU stream (NewLinkRelay), and
-	// linkBytes counts what it sent.
+	// newLinkOutput makes the link output instead of a QEMU stream (NewLinkRelay), linkBytes
+	// counts what it sent, and linkBacklog is how long the receiver needs to take in what is
+	// on its way (link.Session.Backlog).
 	newLinkOutput func(*Relay) output
 	linkBytes     func() int64
+	linkBacklog   func() (time.Duration, bool)
 
 	mu          sync.Mutex
 	sum         Summary
@@ -463,6 +467,7 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 		passes       <-chan qmp.Event
 		best         time.Duration // the lowest expected downtime at a pass so far
 		stalled      int           // passes in a row without a 10 % improvement on best
+		fitSince     time.Time     // the first pass whose RAM alone fitted Downtime
 	)
 	if pe, ok := r.ctl.(passEvents); ok {
 		ch, unsubscribe := pe.Subscribe()
@@ -549,6 +554,16 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 		if capacity > 0 {
 			o.expected = time.Duration(float64(o.remaining) / capacity * float64(time.Second))
 		}
+		ramExpected := o.expected
+		if r.linkBacklog != nil {
+			// Over a link the pages already sent may still be on their way to the receiver,
+			// held in the kernels' buffers when it is the slower end: a switchover waits for them.
+			if b, ok := r.linkBacklog(); ok {
+				o.backlog = b
+				o.expected += b
+				ev.LinkBacklogMs = b.Milliseconds()
+			}
+		}
 		ev.ExpectedDowntimeMs = o.expected.Milliseconds()
 		ev.Iteration = o.iteration
 		r.mu.Lock()
@@ -559,11 +574,21 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 		r.mu.Unlock()
 		o.fresh = newIter
 		if newIter && o.iteration > 1 {
-			if best == 0 || o.expected < best*9/10 {
-				best, stalled = o.expected, 0
+			// The RAM's part only: a backlog on the link is no sign that the guest outruns it.
+			if best == 0 || ramExpected < best*9/10 {
+				best, stalled = ramExpected, 0
 			} else {
 				stalled++
 			}
+		}
+		switch {
+		case newIter && capacity > 0 && ramExpected <= p.Downtime:
+			if fitSince.IsZero() {
+				fitSince = now
+			}
+			o.fitFor = now.Sub(fitSince)
+		case newIter:
+			fitSince = time.Time{}
 		}
 		o.stalledPasses = stalled
 		if newIter {

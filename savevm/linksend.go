@@ -69,6 +69,7 @@ func NewLinkRelay(src io.ReadCloser, s *link.Session, ctl Control, opt Options, 
 	r := NewRelay(src, linkAborter{s}, ctl, opt)
 	r.newLinkOutput = func(r *Relay) output { return newLinkOutput(r, s, chooser, lo) }
 	r.linkBytes = s.BytesSent
+	r.linkBacklog = s.Backlog
 	return r, nil
 }
 
@@ -82,6 +83,7 @@ func (r *Relay) ResumeLink(ctx context.Context, src io.ReadCloser, s *link.Sessi
 	}
 	base := r.linkBytes()
 	r.linkBytes = func() int64 { return base + s.BytesSent() }
+	r.linkBacklog = s.Backlog
 	r.newLinkOutput = func(*Relay) output { return prev.resumed(s) }
 	return r.Resume(ctx, src, linkAborter{s})
 }

@@ -124,6 +124,9 @@ func (p Policy) decide(o observation) (decision, string) {
 		return force, fmt.Sprintf("--max-iterations %d reached: switching over (expected downtime %v)", p.MaxIterations, o.expected.Round(time.Millisecond))
 	case o.fresh && o.rate > 0 && o.expected <= p.Downtime:
 		return release, fmt.Sprintf("expected downtime %v ≤ %v: switching over", o.expected.Round(time.Millisecond), p.Downtime)
+	case o.fresh && o.rate > 0 && o.fitFor >= backlogPatience:
+		return release, fmt.Sprintf("expected downtime %v, %v of it the link's backlog, which has not drained within %v: switching over",
+			o.expected.Round(time.Millisecond), o.backlog.Round(time.Millisecond), backlogPatience)
 	case p.Postcopy && p.PostcopyAfter > 0 && o.iteration > p.PostcopyAfter:
 		return postcopy, fmt.Sprintf("--postcopy-after %d reached: switching to postcopy (expected downtime %v)", p.PostcopyAfter, o.expected.Round(time.Millisecond))
 	case p.Postcopy && p.PostcopyAfter == 0 && o.fresh && o.stalledPasses >= p.PostcopyStall:
@@ -147,4 +150,13 @@ type observation struct {
 	// stalledPasses counts the passes in a row whose expected downtime was not at least 10 %
 	// below the best one before (the guest dirties as fast as the link carries away).
 	stalledPasses int
+	// backlog (over a link, included in expected) is how long the receiver needs for what is
+	// already on its way; fitFor is how long the RAM's part alone has fitted Downtime.
+	backlog time.Duration
+	fitFor  time.Duration
 }
+
+// backlogPatience bounds the wait for a link's backlog to drain once the RAM still dirty
+// would fit the downtime: a guest that keeps the link busy keeps the kernels' buffers full,
+// and the policy must not hold it for ever on their account.
+const backlogPatience = 2 * time.Second

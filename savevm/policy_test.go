@@ -1,0 +1,34 @@
+package savevm
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestDecideBacklog: over a link the expected downtime counts the link's backlog (pages sent
+// but not yet taken in by the receiver), so the policy holds while it drains — but not for
+// ever: once the RAM alone has fitted the budget for backlogPatience, it releases.
+func TestDecideBacklog(t *testing.T) {
+	p := Policy{}.withDefaults()
+	ms := time.Millisecond
+	for _, tc := range []struct {
+		name string
+		o    observation
+		want decision
+		msg  string
+	}{
+		{"fits", observation{fresh: true, rate: 1, expected: 40 * ms, backlog: 30 * ms}, release, "expected downtime 40ms"},
+		{"backlog-holds", observation{fresh: true, rate: 1, expected: 250*ms + 300*ms, backlog: 300 * ms, fitFor: time.Second}, hold, ""},
+		{"backlog-patience", observation{fresh: true, rate: 1, expected: 250*ms + 300*ms, backlog: 300 * ms, fitFor: backlogPatience}, release, "300ms of it the link's backlog"},
+		{"ram-too-big", observation{fresh: true, rate: 1, expected: 400 * ms}, hold, ""},
+		{"not-fresh", observation{rate: 1, expected: 550 * ms, backlog: 300 * ms, fitFor: backlogPatience}, hold, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d, why := p.decide(tc.o)
+			if d != tc.want || !strings.Contains(why, tc.msg) {
+				t.Errorf("decide = %v %q, want %v …%s…", d, why, tc.want, tc.msg)
+			}
+		})
+	}
+}
