@@ -591,6 +591,10 @@ func Dial(ctx context.Context, addr string, cfg Config, hello Hello) (*Session, 
 // 1 Gbit/s link (compat TestBenchLink).
 const maxUnsent = 256 << 10
 
+// dataPathRate is the rate, bytes/s, each connection's receive buffer is sized for on the
+// receiver (transport.BoundReceiveBuffer): 1 Gbit/s, so N Gbit/s over --connections N.
+const dataPathRate = 125e6
+
 func (s *Session) dialOne(ctx context.Context, addr, name string, hello Hello) (*conn, Welcome, error) {
 	var w Welcome
 	dctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
@@ -939,6 +943,10 @@ func (s *Session) acceptOne(ctx context.Context, l net.Listener, name string) (*
 		}
 		c.nc = tc
 	}
+	// The receiver is often the slower end (it decompresses and writes a whole stream): what
+	// it cannot take yet stays with the sender, whose policy sees it (Backlog), not in a
+	// receive buffer grown to megabytes that a switchover would have to wait for.
+	transport.BoundReceiveBuffer(nc, dataPathRate)
 	c.fr = NewFramer(name, c.nc, c.nc)
 	f, err := c.fr.ReadFrame()
 	if err == nil && f.Type != FrameHello {

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	xunix "golang.org/x/sys/unix"
 )
 
 // URI is a parsed destination.
@@ -240,3 +242,46 @@ func (e *execConn) Abort() {
 	syscall.Kill(-e.cmd.Process.Pid, syscall.SIGKILL)
 	e.cmd.Wait()
 }
+
+// BoundReceiveBuffer sizes a TCP connection's receive buffer for the path it has — twice what
+// pathRate bytes/s carry in one round trip (the RTT the kernel measured during the handshake),
+// at least minReceiveBuffer — instead of letting the kernel grow it to megabytes. The kernel
+// grows it while the reading end is the slower one, and what it then holds is a queue that
+// nothing upstream sees: a link's receiver behind it would make a switchover wait for it. A
+// path whose round trip needs more than maxBoundedBuffer keeps the kernel's own sizing.
+func BoundReceiveBuffer(nc net.Conn, pathRate float64) error {
+	tc, ok := nc.(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	raw, err := tc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var rtt time.Duration
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		info, err := xunix.GetsockoptTCPInfo(int(fd), xunix.IPPROTO_TCP, xunix.TCP_INFO)
+		if err != nil {
+			serr = err
+			return
+		}
+		rtt = time.Duration(info.Rtt) * time.Microsecond
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return serr
+	}
+	want := int(2 * pathRate * rtt.Seconds())
+	if want > maxBoundedBuffer {
+		return nil
+	}
+	return tc.SetReadBuffer(max(want, minReceiveBuffer))
+}
+
+// The receive buffers BoundReceiveBuffer sets (the kernel doubles them for its bookkeeping).
+const (
+	minReceiveBuffer = 512 << 10
+	maxBoundedBuffer = 4 << 20
+)

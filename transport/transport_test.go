@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -138,4 +139,55 @@ func TestFileAndExec(t *testing.T) {
 	if err := c.Close(); err == nil {
 		t.Error("exec: a failing command must make Close fail")
 	}
+}
+
+// TestBoundReceiveBuffer: on loopback (a round trip of microseconds) the receive buffer is
+// fixed at the floor, where the kernel would grow it to megabytes; a unix socket is left alone.
+func TestBoundReceiveBuffer(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	c, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := BoundReceiveBuffer(s, 125e6); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := s.(*net.TCPConn).SyscallConn()
+	var got int
+	raw.Control(func(fd uintptr) { got, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF) })
+	if got != 2*minReceiveBuffer { // the kernel doubles what it is given
+		t.Errorf("SO_RCVBUF %d, want %d", got, 2*minReceiveBuffer)
+	}
+	a, b, err := unixPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	defer b.Close()
+	if err := BoundReceiveBuffer(a, 125e6); err != nil {
+		t.Errorf("a unix socket: %v", err)
+	}
+}
+
+func unixPair() (net.Conn, net.Conn, error) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		return nil, nil, err
+	}
+	a, err := net.FileConn(os.NewFile(uintptr(fds[0]), "a"))
+	if err != nil {
+		return nil, nil, err
+	}
+	b, err := net.FileConn(os.NewFile(uintptr(fds[1]), "b"))
+	return a, b, err
 }
