@@ -171,6 +171,13 @@ func LowLatency(c Conn, bytes int) error {
 // LimitUnsent sets TCP_NOTSENT_LOWAT on a TCP connection (nothing for other kinds): the kernel
 // then holds at most about bytes of it unsent.
 func LimitUnsent(nc net.Conn, bytes int) error {
+	return onTCPSocket(nc, func(fd int) error {
+		return syscall.SetsockoptInt(fd, syscall.IPPROTO_TCP, tcpNotSentLowat, bytes)
+	})
+}
+
+// onTCPSocket runs fn on a TCP connection's socket; other kinds of connection are left alone.
+func onTCPSocket(nc net.Conn, fn func(fd int) error) error {
 	tc, ok := nc.(*net.TCPConn)
 	if !ok {
 		return nil
@@ -180,9 +187,7 @@ func LimitUnsent(nc net.Conn, bytes int) error {
 		return err
 	}
 	var serr error
-	if err := raw.Control(func(fd uintptr) {
-		serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, tcpNotSentLowat, bytes)
-	}); err != nil {
+	if err := raw.Control(func(fd uintptr) { serr = fn(int(fd)) }); err != nil {
 		return err
 	}
 	return serr
@@ -250,34 +255,18 @@ func (e *execConn) Abort() {
 // nothing upstream sees: a link's receiver behind it would make a switchover wait for it. A
 // path whose round trip needs more than maxBoundedBuffer keeps the kernel's own sizing.
 func BoundReceiveBuffer(nc net.Conn, pathRate float64) error {
-	tc, ok := nc.(*net.TCPConn)
-	if !ok {
-		return nil
-	}
-	raw, err := tc.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var rtt time.Duration
-	var serr error
-	if err := raw.Control(func(fd uintptr) {
-		info, err := xunix.GetsockoptTCPInfo(int(fd), xunix.IPPROTO_TCP, xunix.TCP_INFO)
+	return onTCPSocket(nc, func(fd int) error {
+		info, err := xunix.GetsockoptTCPInfo(fd, xunix.IPPROTO_TCP, xunix.TCP_INFO)
 		if err != nil {
-			serr = err
-			return
+			return err
 		}
-		rtt = time.Duration(info.Rtt) * time.Microsecond
-	}); err != nil {
-		return err
-	}
-	if serr != nil {
-		return serr
-	}
-	want := int(2 * pathRate * rtt.Seconds())
-	if want > maxBoundedBuffer {
-		return nil
-	}
-	return tc.SetReadBuffer(max(want, minReceiveBuffer))
+		rtt := time.Duration(info.Rtt) * time.Microsecond
+		want := int(2 * pathRate * rtt.Seconds())
+		if want > maxBoundedBuffer {
+			return nil
+		}
+		return syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_RCVBUF, max(want, minReceiveBuffer))
+	})
 }
 
 // The receive buffers BoundReceiveBuffer sets (the kernel doubles them for its bookkeeping).
