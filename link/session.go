@@ -111,14 +111,10 @@ type Session struct {
 	retBuf     []byte
 	retEOF     bool
 
-	lastHeard atomic.Int64 // unix ns of the last control frame from the peer
-	received  atomic.Int64 // data bytes read
-	sent      atomic.Int64 // data bytes written
-	peer      atomic.Pointer[Ping]
-	// The sender's view of the receiver's progress, from its PINGs (Backlog).
-	peerMu   sync.Mutex
-	peerAt   time.Time // when the latest PING came
-	peerRate float64   // smoothed data bytes/s the receiver has been reading
+	lastHeard atomic.Int64             // unix ns of the last control frame from the peer
+	received  atomic.Int64             // data bytes read
+	sent      atomic.Int64             // data bytes written
+	peer      atomic.Pointer[peerPing] // the peer's latest PING; only the control reader stores it
 
 	// Sender.
 	out     chan []byte
@@ -286,23 +282,29 @@ func (s *Session) writeControl(t FrameType, payload []byte, timeout time.Duratio
 // STATUS, and VERIFY, HASHES, VERDICT); their payloads are copies. PING, PONG and ERROR are handled by the session.
 func (s *Session) Control() <-chan Frame { return s.control }
 
-// notePeer keeps the peer's latest PING and the rate at which the receiver reads data.
+// peerPing is the peer's latest PING, when it came, and the smoothed rate (data bytes/s) at
+// which the receiver has been reading, from it and the PINGs before.
+type peerPing struct {
+	Ping
+	at   time.Time
+	rate float64
+}
+
+// notePeer keeps the peer's latest PING (the control reader is its only writer).
 func (s *Session) notePeer(p Ping) {
-	now := time.Now()
-	s.peerMu.Lock()
-	defer s.peerMu.Unlock()
+	cur := &peerPing{Ping: p, at: time.Now()}
 	if prev := s.peer.Load(); prev != nil && p.Received >= prev.Received {
-		if dt := now.Sub(s.peerAt).Seconds(); dt > 0 {
+		cur.rate = prev.rate
+		if dt := cur.at.Sub(prev.at).Seconds(); dt > 0 {
 			inst := float64(p.Received-prev.Received) / dt
-			if s.peerRate == 0 {
-				s.peerRate = inst
+			if cur.rate == 0 {
+				cur.rate = inst
 			} else {
-				s.peerRate = 0.5*s.peerRate + 0.5*inst
+				cur.rate = 0.5*cur.rate + 0.5*inst
 			}
 		}
 	}
-	s.peer.Store(&p)
-	s.peerAt = now
+	s.peer.Store(cur)
 }
 
 // Backlog is how long the receiver needs to read what the sender has written to its
@@ -315,17 +317,14 @@ func (s *Session) Backlog() (time.Duration, bool) {
 	if p == nil {
 		return 0, false
 	}
-	s.peerMu.Lock()
-	rate, at := s.peerRate, s.peerAt
-	s.peerMu.Unlock()
-	waiting := float64(s.sent.Load()) - float64(p.Received) - rate*time.Since(at).Seconds()
+	waiting := float64(s.sent.Load()) - float64(p.Received) - p.rate*time.Since(p.at).Seconds()
 	switch {
 	case waiting <= 0:
 		return 0, true
-	case rate <= 0:
+	case p.rate <= 0:
 		return 0, false
 	}
-	return time.Duration(waiting / rate * float64(time.Second)), true
+	return time.Duration(waiting / p.rate * float64(time.Second)), true
 }
 
 // receiverPing is how often the receiver sends PING: often enough for the sender's policy to
@@ -341,7 +340,7 @@ func (s *Session) PeerPing() (Ping, bool) {
 	if p == nil {
 		return Ping{}, false
 	}
-	return *p, true
+	return p.Ping, true
 }
 
 // SendUrgent sends a page the destination asked for ahead of the queued data (URGENT).
