@@ -521,6 +521,11 @@ func ratesChart(run *Run, end time.Duration) *Chart {
 		}
 		sent = append(sent, rp{(t0 + t1) / 2, (cum.at(t1) - cum.at(t0)) / (t1 - t0)})
 	}
+	if len(sent) == 1 {
+		// A run shorter than one window: its average holds over the whole run, and a line of
+		// one point would draw nothing.
+		sent = []rp{{0, sent[0].v}, {secs, sent[0].v}}
+	}
 	// QEMU's dirty-pages-rate (measured over its own 1 s periods; 0 before the first).
 	var dirty []rp
 	for _, s := range run.Samples {

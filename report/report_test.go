@@ -405,6 +405,48 @@ func FuzzRead(f *testing.F) {
 	})
 }
 
+// TestShortRun: a migration over before the rates chart's first window ends (the whole relay
+// of a small idle guest can take under 0.2 s) still draws its transfer rate — CI once rendered
+// an empty rates chart for one. The real relay log, its clock sped up 50×, stands in for it.
+func TestShortRun(t *testing.T) {
+	var b bytes.Buffer
+	var t0 time.Time
+	for _, line := range bytes.Split(bytes.TrimSpace(readTestdata(t, "relay-10.0.jsonl")), []byte("\n")) {
+		var e map[string]any
+		if err := json.Unmarshal(line, &e); err != nil {
+			t.Fatal(err)
+		}
+		at, err := time.Parse(time.RFC3339Nano, e["time"].(string))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if t0.IsZero() {
+			t0 = at
+		}
+		e["time"] = t0.Add(at.Sub(t0) / 50).Format(time.RFC3339Nano)
+		if sum, ok := e["summary"].(map[string]any); ok {
+			sum["total_time_ms"] = sum["total_time_ms"].(float64) / 50
+		}
+		out, _ := json.Marshal(e)
+		b.Write(append(out, '\n'))
+	}
+	run, page := render(t, b.Bytes())
+	if d := run.Duration(); d > 200*time.Millisecond {
+		t.Fatalf("the sped-up run lasts %v", d)
+	}
+	p, err := reporttest.Parse(bytes.NewReader(page))
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs, err := reporttest.Events(bytes.NewReader(b.Bytes()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range reporttest.Check(p, evs) {
+		t.Error(e)
+	}
+}
+
 // TestMarksCapped: a log with more phases, passes, decisions and warnings than a figure can show
 // (hostile, or a migration that never converged) keeps the page bounded and says what it left out.
 func TestMarksCapped(t *testing.T) {
