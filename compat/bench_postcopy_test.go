@@ -25,7 +25,8 @@ import (
 //	QMG_BENCH=1 go test -count=1 -run TestBenchPostcopy -v ./compat/
 //
 // QMG_BENCH_MODES picks the modes (default qemu,sidecar,pair); QMG_BENCH_PAIR_ARGS adds sender
-// options in pair mode.
+// options in pair mode; QMG_BENCH_RECOVERIES sets how many recovery rounds follow (default
+// QMG_BENCH_RUNS).
 func TestBenchPostcopy(t *testing.T) {
 	if os.Getenv("QMG_BENCH") == "" {
 		t.Skip("set QMG_BENCH=1 (make bench) to run the postcopy benchmark")
@@ -78,7 +79,13 @@ func TestBenchPostcopy(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/%d", mode, round), func(t *testing.T) {
 				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 				defer cancel()
-				src, dst, uri := postcopyPair(t, ctx, q, q)
+				faults := filepath.Join(t.TempDir(), "faults.log")
+				src, dst, uri := postcopyPairWith(t, ctx, q, q, FaultTraceArgs(faults))
+				t.Cleanup(func() {
+					if t.Failed() {
+						t.Logf("the destination QEMU wrote: %s", dst.Stderr())
+					}
+				})
 				if err := dst.QMP.SetCapabilities(ctx, map[string]bool{"postcopy-blocktime": true}); err != nil {
 					t.Fatal(err)
 				}
@@ -115,6 +122,13 @@ func TestBenchPostcopy(t *testing.T) {
 				}
 				r.blocktime = destinationBlocktime(t, ctx, dst)
 				checkRunningGuest(t, ctx, dst)
+				fs, err := FaultLatencies(faults)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Logf("destination's trace: %d page requests, %d placed after them: p50 %v, p99 %v, max %v; %d never placed",
+					fs.Requests, fs.Placed, fs.P50, fs.P99, fs.Max, fs.Unmatched)
+				r.faults = fs
 				res[mode] = append(res[mode], r)
 			})
 		}
@@ -133,6 +147,8 @@ func TestBenchPostcopy(t *testing.T) {
 		row := fmt.Sprintf("%-8s | %6d (%.2f) | %6d | %5.1f | %6d (%.2f)", mode, tot, float64(tot)/float64(max(1, med(q0, func(r pcRun) int64 { return r.total.Milliseconds() }))),
 			med(rs, func(r pcRun) int64 { return r.postcopy.Milliseconds() }), float64(med(rs, func(r pcRun) int64 { return r.bytes }))/1e6,
 			med(rs, func(r pcRun) int64 { return r.blocktime }), float64(med(rs, func(r pcRun) int64 { return r.blocktime }))/float64(max(1, med(q0, func(r pcRun) int64 { return r.blocktime }))))
+		row += fmt.Sprintf(" | %d | %d / %d", med(rs, func(r pcRun) int64 { return int64(r.faults.Requests) }),
+			med(rs, func(r pcRun) int64 { return r.faults.P50.Microseconds() }), med(rs, func(r pcRun) int64 { return r.faults.P99.Microseconds() }))
 		if mode != "qemu" {
 			row += fmt.Sprintf(" | %d (%d in flight) | %d / %d", med(rs, func(r pcRun) int64 { return r.requests }), med(rs, func(r pcRun) int64 { return r.inFlight }),
 				med(rs, func(r pcRun) int64 { return r.p50 }), med(rs, func(r pcRun) int64 { return r.p99 }))
@@ -141,7 +157,7 @@ func TestBenchPostcopy(t *testing.T) {
 	}
 
 	recov := map[bool][]string{}
-	for round := 0; round < runs; round++ {
+	for round := 0; round < benchEnv("QMG_BENCH_RECOVERIES", runs); round++ {
 		for _, overLink := range []bool{false, true} {
 			t.Run(fmt.Sprintf("recover-%s/%d", map[bool]string{false: "relay", true: "link"}[overLink], round), func(t *testing.T) {
 				if d, ok := recoveryAfterHeal(t, q, 3*time.Second, overLink); ok {
@@ -151,7 +167,7 @@ func TestBenchPostcopy(t *testing.T) {
 		}
 	}
 	t.Logf("\npostcopy, QEMU 10.0 → 10.0, dirty guest (128 MiB, ~99 MiB rewritten continuously), source capped at 20 MB/s, destination running; medians of %d interleaved rounds\n%s\n"+
-		"mode     | total ms (ratio) | in postcopy ms | MB sent (pair: on the link) | dst blocktime ms (ratio) | requests | sidecar latency p50 / p99 µs\n%s\n"+
+		"mode     | total ms (ratio) | in postcopy ms | MB sent (pair: on the link) | dst blocktime ms (ratio) | dst page requests | dst request → page p50 / p99 µs (its trace) | sidecar: requests | sidecar latency p50 / p99 µs\n%s\n"+
 		"recovery: the network to the destination's host stalled and its connections reset during postcopy, healed 3 s later; from the heal until both sides were connected again: relay %s; pair of sidecars %s",
 		runs, report[0], strings.Join(report[1:], "\n"), strings.Join(recov[false], ", "), strings.Join(recov[true], ", "))
 }
@@ -162,8 +178,9 @@ type pcRun struct {
 	bytes           int64
 	blocktime       int64 // ms, the destination's postcopy-blocktime (vCPU time blocked on missing pages)
 	requests        int64
-	inFlight        int64 // requests for pages already on their way (no latency sample)
-	p50, p99        int64 // µs, the sidecar's request → page latency
+	inFlight        int64      // requests for pages already on their way (no latency sample)
+	p50, p99        int64      // µs, the sidecar's request → page latency
+	faults          FaultStats // the destination's own requests and their waits (its trace)
 }
 
 // qemuPostcopy is QEMU's own postcopy: the source capped at bw, migrate-start-postcopy once the

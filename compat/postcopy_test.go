@@ -55,13 +55,18 @@ func TestPostcopyMigration(t *testing.T) {
 // postcopyPair starts the dirty guest and a destination that runs (no -S: in postcopy it asks
 // for the pages it touches).
 func postcopyPair(t *testing.T, ctx context.Context, srcQ, dstQ QEMU) (src, dst *VM, uri string) {
+	return postcopyPairWith(t, ctx, srcQ, dstQ, nil)
+}
+
+// postcopyPairWith is postcopyPair with extra arguments for the destination QEMU.
+func postcopyPairWith(t *testing.T, ctx context.Context, srcQ, dstQ QEMU, dstExtra []string) (src, dst *VM, uri string) {
 	port, err := FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
 	uri = fmt.Sprintf("tcp:127.0.0.1:%d", port)
 	machine := MachineFor(srcQ, dstQ)
-	dst = StartVM(t, VMConfig{Name: "dst", QEMU: dstQ, Machine: machine, Disk: GuestDirty(), Incoming: uri})
+	dst = StartVM(t, VMConfig{Name: "dst", QEMU: dstQ, Machine: machine, Disk: GuestDirty(), Incoming: uri, Extra: dstExtra})
 	src = StartVM(t, VMConfig{Name: "src", QEMU: srcQ, Machine: machine, Disk: GuestDirty()})
 	if err := src.WaitMoreSerial(ctx, 'B', 3); err != nil {
 		t.Fatal(err)
