@@ -26,7 +26,7 @@ import (
 //
 // QMG_BENCH_MODES picks the modes (default qemu,sidecar,pair); QMG_BENCH_PAIR_ARGS adds sender
 // options in pair mode; QMG_BENCH_RECOVERIES sets how many recovery rounds follow (default
-// QMG_BENCH_RUNS).
+// QMG_BENCH_RUNS); QMG_BENCH_TRACES=DIR keeps each run's destination trace (FaultTraceArgs).
 func TestBenchPostcopy(t *testing.T) {
 	if os.Getenv("QMG_BENCH") == "" {
 		t.Skip("set QMG_BENCH=1 (make bench) to run the postcopy benchmark")
@@ -122,12 +122,16 @@ func TestBenchPostcopy(t *testing.T) {
 				}
 				r.blocktime = destinationBlocktime(t, ctx, dst)
 				checkRunningGuest(t, ctx, dst)
+				if dir := os.Getenv("QMG_BENCH_TRACES"); dir != "" {
+					keepTrace(t, faults, dir)
+				}
 				fs, err := FaultLatencies(faults)
 				if err != nil {
 					t.Fatal(err)
 				}
-				t.Logf("destination's trace: %d page requests, %d placed after them: p50 %v, p99 %v, max %v; %d never placed",
-					fs.Requests, fs.Placed, fs.P50, fs.P99, fs.Max, fs.Unmatched)
+				t.Logf("destination's trace: %d page requests, %d placed after them: p50 %v, p99 %v, max %v; %d never placed; "+
+					"%d waits of %v or more for the next page placed; no page placed for %v or more %d times, %v in all",
+					fs.Requests, fs.Placed, fs.P50, fs.P99, fs.Max, fs.Unmatched, fs.HeadWaits, StallGap, StallGap, fs.Starved, fs.StarvedTime.Round(time.Millisecond))
 				r.faults = fs
 				res[mode] = append(res[mode], r)
 			})
@@ -147,8 +151,9 @@ func TestBenchPostcopy(t *testing.T) {
 		row := fmt.Sprintf("%-8s | %6d (%.2f) | %6d | %5.1f | %6d (%.2f)", mode, tot, float64(tot)/float64(max(1, med(q0, func(r pcRun) int64 { return r.total.Milliseconds() }))),
 			med(rs, func(r pcRun) int64 { return r.postcopy.Milliseconds() }), float64(med(rs, func(r pcRun) int64 { return r.bytes }))/1e6,
 			med(rs, func(r pcRun) int64 { return r.blocktime }), float64(med(rs, func(r pcRun) int64 { return r.blocktime }))/float64(max(1, med(q0, func(r pcRun) int64 { return r.blocktime }))))
-		row += fmt.Sprintf(" | %d | %d / %d", med(rs, func(r pcRun) int64 { return int64(r.faults.Requests) }),
-			med(rs, func(r pcRun) int64 { return r.faults.P50.Microseconds() }), med(rs, func(r pcRun) int64 { return r.faults.P99.Microseconds() }))
+		row += fmt.Sprintf(" | %d | %d / %d | %d / %d ms", med(rs, func(r pcRun) int64 { return int64(r.faults.Requests) }),
+			med(rs, func(r pcRun) int64 { return r.faults.P50.Microseconds() }), med(rs, func(r pcRun) int64 { return r.faults.P99.Microseconds() }),
+			med(rs, func(r pcRun) int64 { return int64(r.faults.Starved) }), med(rs, func(r pcRun) int64 { return r.faults.StarvedTime.Milliseconds() }))
 		if mode != "qemu" {
 			row += fmt.Sprintf(" | %d (%d in flight) | %d / %d", med(rs, func(r pcRun) int64 { return r.requests }), med(rs, func(r pcRun) int64 { return r.inFlight }),
 				med(rs, func(r pcRun) int64 { return r.p50 }), med(rs, func(r pcRun) int64 { return r.p99 }))
@@ -167,9 +172,20 @@ func TestBenchPostcopy(t *testing.T) {
 		}
 	}
 	t.Logf("\npostcopy, QEMU 10.0 → 10.0, dirty guest (128 MiB, ~99 MiB rewritten continuously), source capped at 20 MB/s, destination running; medians of %d interleaved rounds\n%s\n"+
-		"mode     | total ms (ratio) | in postcopy ms | MB sent (pair: on the link) | dst blocktime ms (ratio) | dst page requests | dst request → page p50 / p99 µs (its trace) | sidecar: requests | sidecar latency p50 / p99 µs\n%s\n"+
+		"mode     | total ms (ratio) | in postcopy ms | MB sent (pair: on the link) | dst blocktime ms (ratio) | dst page requests | dst request → page p50 / p99 µs (its trace) | dst starved ≥ 1 ms: times / total | sidecar: requests | sidecar latency p50 / p99 µs\n%s\n"+
 		"recovery: the network to the destination's host stalled and its connections reset during postcopy, healed 3 s later; from the heal until both sides were connected again: relay %s; pair of sidecars %s",
 		runs, report[0], strings.Join(report[1:], "\n"), strings.Join(recov[false], ", "), strings.Join(recov[true], ", "))
+}
+
+// keepTrace copies the destination's trace of the running test into dir, named after the test.
+func keepTrace(t *testing.T, trace, dir string) {
+	b, err := os.ReadFile(trace)
+	if err == nil {
+		err = os.WriteFile(filepath.Join(dir, strings.ReplaceAll(t.Name(), "/", "_")+".log"), b, 0o644)
+	}
+	if err != nil {
+		t.Errorf("QMG_BENCH_TRACES: %v", err)
+	}
 }
 
 // pcRun is one postcopy migration's figures.

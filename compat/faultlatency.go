@@ -27,7 +27,19 @@ type FaultStats struct {
 	P50, P99  time.Duration
 	Max       time.Duration
 	Unmatched int // requests whose page the trace never shows placed
+
+	// Where a long wait comes from. Starved counts the pauses of at least StallGap between two
+	// placements (StarvedTime their sum): the destination had no page to load, because the
+	// stream feeding it paused. HeadWaits counts the requests that waited at least StallGap for
+	// a page that was the very next one placed: the page was not queued behind others at the
+	// destination, the stream had not brought it yet.
+	Starved     int
+	StarvedTime time.Duration
+	HeadWaits   int
 }
+
+// StallGap is the pause that FaultStats counts as the destination starved of pages.
+const StallGap = time.Millisecond
 
 // FaultLatencies reads a trace written with FaultTraceArgs. A request's latency runs from its
 // postcopy_ram_fault_thread_request line to the first placement of the same host page after it;
@@ -43,9 +55,15 @@ func FaultLatencies(path string) (FaultStats, error) {
 
 func faultLatencies(rd io.Reader) (FaultStats, error) {
 	var st FaultStats
-	pending := map[uint64]time.Time{}
+	type request struct {
+		at     time.Time
+		placed int // placements before it
+	}
+	pending := map[uint64]request{}
 	placed := map[uint64]bool{}
 	var lat []time.Duration
+	var last time.Time // the latest placement
+	nplaced := 0
 	sc := bufio.NewScanner(rd)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for n := 1; sc.Scan(); n++ {
@@ -67,7 +85,7 @@ func faultLatencies(rd io.Reader) (FaultStats, error) {
 				lat = append(lat, 0) // placed between the fault and its request's log line
 			default:
 				st.Requests++
-				pending[page] = at
+				pending[page] = request{at, nplaced}
 			}
 		case "postcopy_place_page", "postcopy_place_page_zero":
 			host, err := traceHex(args, "host=")
@@ -75,8 +93,18 @@ func faultLatencies(rd io.Reader) (FaultStats, error) {
 				return st, fmt.Errorf("line %d: %w", n, err)
 			}
 			placed[host] = true
-			if t0, ok := pending[host]; ok {
-				lat = append(lat, max(0, at.Sub(t0)))
+			if gap := at.Sub(last); !last.IsZero() && gap >= StallGap {
+				st.Starved++
+				st.StarvedTime += gap
+			}
+			last = at
+			nplaced++
+			if r, ok := pending[host]; ok {
+				w := max(0, at.Sub(r.at))
+				lat = append(lat, w)
+				if w >= StallGap && nplaced == r.placed+1 {
+					st.HeadWaits++
+				}
 				delete(pending, host)
 			}
 		}

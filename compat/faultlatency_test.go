@@ -24,8 +24,10 @@ func TestFaultLatencies(t *testing.T) {
 		t.Fatal(err)
 	}
 	// 0x1000: 500 µs; 0x3000 (two vCPUs, one wait): 2 ms; 0x2000 placed before its request: 0;
-	// 0x9000 never placed.
-	want := FaultStats{Requests: 4, Placed: 3, P50: 500 * time.Microsecond, P99: 2 * time.Millisecond, Max: 2 * time.Millisecond, Unmatched: 1}
+	// 0x9000 never placed. Nothing was placed from 600 µs to 2.7 ms (starved), and 0x3000's
+	// 2 ms wait was for the next page placed (a head wait).
+	want := FaultStats{Requests: 4, Placed: 3, P50: 500 * time.Microsecond, P99: 2 * time.Millisecond, Max: 2 * time.Millisecond, Unmatched: 1,
+		Starved: 1, StarvedTime: 2100 * time.Microsecond, HeadWaits: 1}
 	if st != want {
 		t.Errorf("got %+v, want %+v", st, want)
 	}
