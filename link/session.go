@@ -70,6 +70,7 @@ var errEOF = io.EOF
 type conn struct {
 	name string
 	nc   net.Conn
+	tcp  net.Conn // the socket under TLS (nc itself without it), for socket options
 	fr   *Framer
 	cert []byte // the peer's leaf certificate (TLS), for "the same peer" checks
 }
@@ -411,6 +412,16 @@ func (s *Session) BytesReceived() int64 { return s.received.Load() }
 // Connections is the number of data connections.
 func (s *Session) Connections() int { return len(s.data) }
 
+// WidenReceiveBuffers lifts the bound the receiver put on its data connections' receive buffers
+// (transport.BoundReceiveBuffer), for the rest of a postcopy: the bound keeps a switchover
+// short, and after the switch there is none left, while the small frames of postcopy made a
+// bounded buffer drop packets (transport.WidenReceiveBuffer).
+func (s *Session) WidenReceiveBuffers() {
+	for _, c := range s.data {
+		transport.WidenReceiveBuffer(c.tcp) // best effort, as the bound itself
+	}
+}
+
 // start runs the control reader and the heartbeat.
 func (s *Session) start() {
 	// The peer's silence counts from now: Accept may have waited long for the sender, and
@@ -608,7 +619,7 @@ func (s *Session) dialOne(ctx context.Context, addr, name string, hello Hello) (
 	nc.SetDeadline(dl)
 	stop := context.AfterFunc(dctx, func() { nc.SetDeadline(time.Now()) })
 	defer stop()
-	c := &conn{name: name, nc: nc}
+	c := &conn{name: name, nc: nc, tcp: nc}
 	if s.cfg.TLS != nil {
 		tc := tls.Client(nc, s.cfg.TLS)
 		if err := tc.HandshakeContext(dctx); err != nil {
@@ -927,7 +938,7 @@ func (s *Session) acceptOne(ctx context.Context, l net.Listener, name string) (*
 	// The context ends the wait for the HELLO too, not only the TLS handshake.
 	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Now()) })
 	defer stop()
-	c := &conn{name: name, nc: nc}
+	c := &conn{name: name, nc: nc, tcp: nc}
 	if s.cfg.TLS != nil {
 		tc := tls.Server(nc, s.cfg.TLS)
 		hctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)

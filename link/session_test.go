@@ -6,8 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
+	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -43,6 +47,47 @@ func linkPair(t testing.TB, rcfg, scfg Config, n int, via bool) (snd, rcv *Sessi
 		t.Fatalf("Accept: %v", r.err)
 	}
 	return snd, r.s, px
+}
+
+// TestWidenReceiveBuffers: the receiver's data connections start with the bounded receive
+// buffer (transport.BoundReceiveBuffer) and, once a postcopy has switched, get the wide one.
+func TestWidenReceiveBuffers(t *testing.T) {
+	_, rcv, _ := linkPair(t, Config{}, Config{}, 2, false)
+	rcvbuf := func(c *conn) int {
+		raw, err := c.tcp.(*net.TCPConn).SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var n int
+		raw.Control(func(fd uintptr) { n, err = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	before := make([]int, len(rcv.data))
+	for i, c := range rcv.data {
+		before[i] = rcvbuf(c)
+	}
+	// The kernel caps SO_RCVBUF at net.core.rmem_max and doubles what it keeps.
+	b, err := os.ReadFile("/proc/sys/net/core/rmem_max")
+	if err != nil {
+		t.Skip(err)
+	}
+	rmemMax, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := 2 * min(4<<20, rmemMax)
+	if want <= before[0] {
+		t.Skipf("net.core.rmem_max %d leaves no room above the bound's %d", rmemMax, before[0])
+	}
+	rcv.WidenReceiveBuffers()
+	for i, c := range rcv.data {
+		if after := rcvbuf(c); after != want {
+			t.Errorf("%s: SO_RCVBUF %d before, %d after widening, want %d", c.name, before[i], after, want)
+		}
+	}
 }
 
 // testFrame is the encoded data frame seq of the ordering tests: its type and size follow from

@@ -117,6 +117,9 @@ func (r *Receiver) Started() bool { return r.switched.Load() }
 // bitmaps and sends the rest).
 func (r *Receiver) Resume(ctx context.Context, s *link.Session, dst io.WriteCloser) (Summary, error) {
 	r.s, r.dst = s, dst
+	if r.switched.Load() {
+		s.WidenReceiveBuffers() // the new session's connections were bounded at their accept
+	}
 	r.inSection = false
 	r.resumes++
 	r.closing.Store(false)
@@ -431,6 +434,7 @@ func (r *Receiver) apply(f link.Frame) (*link.End, error) {
 		}
 		r.markStopped()
 		r.switched.Store(true)
+		r.s.WidenReceiveBuffers()
 		r.setPhase(PhasePostcopy)
 		return nil, nil
 	case link.FrameEnd:

@@ -269,6 +269,18 @@ func BoundReceiveBuffer(nc net.Conn, pathRate float64) error {
 	})
 }
 
+// WidenReceiveBuffer gives a connection that BoundReceiveBuffer sized the largest buffer
+// that function would have left to the kernel (maxBoundedBuffer). The bound is for a
+// switchover's sake; once a postcopy has switched, small writes fill a small buffer with more
+// bookkeeping than data, and the kernel drops packets it has already advertised room for
+// (TCPRcvQDrop): each such drop stalls the stream for a retransmission timeout, 150 ms and more,
+// measured in compat's TestBenchPostcopy.
+func WidenReceiveBuffer(nc net.Conn) error {
+	return onTCPSocket(nc, func(fd int) error {
+		return syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_RCVBUF, maxBoundedBuffer)
+	})
+}
+
 // The receive buffers BoundReceiveBuffer sets (the kernel doubles them for its bookkeeping).
 const (
 	minReceiveBuffer = 512 << 10
