@@ -70,7 +70,6 @@ var errEOF = io.EOF
 type conn struct {
 	name string
 	nc   net.Conn
-	tcp  net.Conn // the socket under TLS (nc itself without it), for socket options
 	fr   *Framer
 	cert []byte // the peer's leaf certificate (TLS), for "the same peer" checks
 }
@@ -418,7 +417,7 @@ func (s *Session) Connections() int { return len(s.data) }
 // bounded buffer drop packets (transport.WidenReceiveBuffer).
 func (s *Session) WidenReceiveBuffers() {
 	for _, c := range s.data {
-		transport.WidenReceiveBuffer(c.tcp) // best effort, as the bound itself
+		transport.WidenReceiveBuffer(c.nc) // best effort, as the bound itself
 	}
 }
 
@@ -619,7 +618,7 @@ func (s *Session) dialOne(ctx context.Context, addr, name string, hello Hello) (
 	nc.SetDeadline(dl)
 	stop := context.AfterFunc(dctx, func() { nc.SetDeadline(time.Now()) })
 	defer stop()
-	c := &conn{name: name, nc: nc, tcp: nc}
+	c := &conn{name: name, nc: nc}
 	if s.cfg.TLS != nil {
 		tc := tls.Client(nc, s.cfg.TLS)
 		if err := tc.HandshakeContext(dctx); err != nil {
@@ -938,7 +937,7 @@ func (s *Session) acceptOne(ctx context.Context, l net.Listener, name string) (*
 	// The context ends the wait for the HELLO too, not only the TLS handshake.
 	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Now()) })
 	defer stop()
-	c := &conn{name: name, nc: nc, tcp: nc}
+	c := &conn{name: name, nc: nc}
 	if s.cfg.TLS != nil {
 		tc := tls.Server(nc, s.cfg.TLS)
 		hctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)

@@ -54,7 +54,7 @@ func linkPair(t testing.TB, rcfg, scfg Config, n int, via bool) (snd, rcv *Sessi
 func TestWidenReceiveBuffers(t *testing.T) {
 	_, rcv, _ := linkPair(t, Config{}, Config{}, 2, false)
 	rcvbuf := func(c *conn) int {
-		raw, err := c.tcp.(*net.TCPConn).SyscallConn()
+		raw, err := c.nc.(*net.TCPConn).SyscallConn() // linkPair's Config has no TLS
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -178,6 +178,9 @@ func LimitUnsent(nc net.Conn, bytes int) error {
 
 // onTCPSocket runs fn on a TCP connection's socket; other kinds of connection are left alone.
 func onTCPSocket(nc net.Conn, fn func(fd int) error) error {
+	if u, ok := nc.(interface{ NetConn() net.Conn }); ok { // *tls.Conn: the socket under it
+		nc = u.NetConn()
+	}
 	tc, ok := nc.(*net.TCPConn)
 	if !ok {
 		return nil

@@ -2,6 +2,7 @@ package transport
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -167,6 +168,15 @@ func TestBoundReceiveBuffer(t *testing.T) {
 	raw.Control(func(fd uintptr) { got, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF) })
 	if got != 2*minReceiveBuffer { // the kernel doubles what it is given
 		t.Errorf("SO_RCVBUF %d, want %d", got, 2*minReceiveBuffer)
+	}
+	// Under TLS the option goes to the socket beneath (the link's connections; no handshake is
+	// needed for that).
+	if err := WidenReceiveBuffer(tls.Server(s, &tls.Config{})); err != nil {
+		t.Fatal(err)
+	}
+	raw.Control(func(fd uintptr) { got, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF) })
+	if got <= 2*minReceiveBuffer {
+		t.Errorf("SO_RCVBUF %d after widening through a *tls.Conn, want more than the bound's %d", got, 2*minReceiveBuffer)
 	}
 	a, b, err := unixPair()
 	if err != nil {
