@@ -633,8 +633,14 @@ func remainingChart(run *Run, end time.Duration) *Chart {
 	for _, s := range live {
 		pts = append(pts, pt{sx(x, s.At), y.at(float64(s.Remaining))})
 	}
+	if at, ok := ramSent(run); ok && at > live[len(live)-1].At {
+		// The last pass ran with the guest stopped (or the destination pulled the rest): when
+		// the stream moves past it nothing is dirty any more. A run that released at its first
+		// sample would otherwise draw a single point.
+		pts = append(pts, pt{sx(x, at), y.at(0)})
+	}
 	ps, n := points(pts, c.Plot.W)
-	c.Lines = append(c.Lines, Line{Class: "remaining", Points: ps, N: n, Key: "remaining", Title: "RAM still dirty on the source (query-migrate's remaining)"})
+	c.Lines = append(c.Lines, Line{Class: "remaining", Points: ps, N: n, Key: "remaining", Title: "RAM still dirty on the source (query-migrate's remaining; 0 once the last pass is sent)"})
 	tot := live[len(live)-1].Total
 	c.Rules = append(c.Rules, Rule{X1: c.Plot.X, Y1: y.at(float64(tot)), X2: c.Plot.Right(), Y2: y.at(float64(tot)), Class: "total",
 		Key: "ram_total", Value: strconv.FormatInt(tot, 10), Label: "guest RAM " + fmtBytes(tot), LX: c.Plot.Right() - 4, LY: y.at(float64(tot)) - 4, Anchor: "end"})
@@ -645,6 +651,17 @@ func remainingChart(run *Run, end time.Duration) *Chart {
 	c.Rules = append(c.Rules, decisionRules(run, x, c.Plot.Y, c.Plot.Bottom(), 0)...)
 	c.Legend = []Legend{{"remaining", "remaining"}, {"sync", "QEMU's dirty sync (an iteration starts)"}}
 	return c
+}
+
+// ramSent is when the source's RAM was all on its way: the end of the last pass — the
+// complete phase, or postcopy's — once a later phase (devices, done) followed it.
+func ramSent(run *Run) (time.Duration, bool) {
+	for i := len(run.Phases) - 2; i >= 0; i-- {
+		if p := run.Phases[i].Phase; p == "complete" || p == "postcopy" {
+			return run.Phases[i+1].Start, true
+		}
+	}
+	return 0, false
 }
 
 // stoppedBytes is what was sent between the guest's stop and the device state: the last RAM pass.

@@ -475,3 +475,40 @@ func TestMarksCapped(t *testing.T) {
 		t.Errorf("a %d KiB page", len(page)>>10)
 	}
 }
+
+// TestOneSample: CI once drew a relay that the policy released at its first query-migrate
+// (one iteration and one progress event, at the same instant) as a single dot on the dirty-RAM
+// chart. The line goes on to 0 where the last pass ends, and a run that failed before its last
+// pass does not claim it. The real relay log, cut to its first sample, stands in for that run.
+func TestOneSample(t *testing.T) {
+	var b bytes.Buffer
+	samples := 0
+	for _, line := range bytes.SplitAfter(readTestdata(t, "relay-10.0.jsonl"), []byte("\n")) {
+		if bytes.Contains(line, []byte(`"type":"iteration"`)) || bytes.Contains(line, []byte(`"type":"progress"`)) {
+			if samples++; samples > 2 {
+				continue
+			}
+		}
+		b.Write(line)
+	}
+	run, _ := render(t, b.Bytes())
+	c := NewPage(run, "x").Remaining
+	if c == nil || len(c.Lines) != 1 {
+		t.Fatalf("remaining chart %+v", c)
+	}
+	devices, ok := run.phaseStart("devices")
+	if !ok {
+		t.Fatal("the log has no devices phase")
+	}
+	x, _ := timeX(run.Duration(), pageW)
+	last := strings.Fields(c.Lines[0].Points)
+	want := num(sx(x, devices.Start)) + "," + num(c.Plot.Bottom())
+	if c.Lines[0].N != 3 || last[len(last)-1] != want {
+		t.Errorf("line %q (%d points), want the two samples and an end at %s: 0 dirty when the devices phase starts", c.Lines[0].Points, c.Lines[0].N, want)
+	}
+
+	failed, _ := render(t, readTestdata(t, "timeout-abort-7.2.jsonl"))
+	if _, ok := ramSent(failed); ok {
+		t.Error("a run aborted while iterating has its RAM sent")
+	}
+}
