@@ -1,6 +1,7 @@
 package compat
 
 import (
+	"bytes"
 	"bufio"
 	"context"
 	"fmt"
@@ -50,7 +51,7 @@ func relayCost(t *testing.T, q QEMU, g guestCase, paused, strace bool, profile s
 			t.Fatal(err)
 		}
 	}
-	args := append([]string{"--qmp", src.SidecarQMP, "--to", uri, "-q"}, extra...)
+	args := append([]string{"--qmp", src.SidecarQMP, "--to", uri, "--json"}, extra...)
 	if profile != "" {
 		args = append([]string{"--cpuprofile", profile}, args...)
 	}
@@ -62,6 +63,8 @@ func relayCost(t *testing.T, q QEMU, g guestCase, paused, strace bool, profile s
 		cmd = exec.CommandContext(ctx, sidecarBinary(t), args...)
 	}
 	cmd.Stderr = os.Stderr
+	var events bytes.Buffer
+	cmd.Stdout = &events
 	start := time.Now()
 	if err := cmd.Run(); err != nil {
 		t.Fatal(err)
@@ -69,7 +72,11 @@ func relayCost(t *testing.T, q QEMU, g guestCase, paused, strace bool, profile s
 	run := costRun{total: time.Since(start)}
 	ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
 	run.cpu = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-	run.rssKiB = ru.Maxrss
+	rss, err := summaryRSS(events.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	run.rssKiB = rss >> 10
 	m, err := src.QMP.WaitMigration(ctx, 10*time.Millisecond)
 	if err != nil || m.Status != "completed" {
 		t.Fatalf("source: %+v %v", m, err)

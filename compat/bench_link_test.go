@@ -196,7 +196,7 @@ func TestBenchLink(t *testing.T) {
 	}
 	t.Logf("\nQEMU %s; medians of %d runs. total = migrate command (sidecar start) → destination runs (or, paused, has loaded: its MIGRATION completed);\n"+
 		"down = source STOP event → that end (QMP timestamps; paused: from the `stop`, the guest is down all along); qemu = the source QEMU's downtime figure;\n"+
-		"MB = bytes on the veth (10^6) each way; cpu/rss = each sidecar's rusage (source host's, destination host's); × = total against that mode's median total.\n\n%s",
+		"MB = bytes on the veth (10^6) each way; cpu/rss = each sidecar's CPU (rusage) and its own peak RSS (its summary's peak_rss_bytes) (source host's, destination host's); × = total against that mode's median total.\n\n%s",
 		q.Full, runs, strings.Join(tables, "\n"))
 }
 
@@ -412,6 +412,8 @@ type netnsProc struct {
 	lines  chan string // the first lines (bounded), for firstLine
 	mu     sync.Mutex
 	last   string // the last stdout line so far
+	// summary is the summary event's line, where the sidecar reports its own peak RSS.
+	summary string
 	stderr lockedBuffer
 	done   chan struct{}
 	err    error
@@ -452,6 +454,9 @@ func startNetnsProc(t *testing.T, h *NetHost, bin string, args ...string) *netns
 			fmt.Fprintln(events, sc.Text())
 			pr.mu.Lock()
 			pr.last = sc.Text()
+			if strings.Contains(pr.last, `"type":"summary"`) {
+				pr.summary = pr.last
+			}
 			pr.mu.Unlock()
 			select {
 			case pr.lines <- sc.Text():
@@ -515,7 +520,8 @@ func (pr *netnsProc) lastWords() string {
 	return fmt.Sprintf("%s, stderr %q, last line %q", state, lastLine(pr.stderr.String()), pr.lastLine())
 }
 
-// finish waits (bounded) for a successful exit and returns the process's CPU time and peak RSS.
+// finish waits (bounded) for a successful exit and returns the process's CPU time and the peak
+// RSS, in KiB, that its summary reports.
 func (pr *netnsProc) finish(ctx context.Context, limit time.Duration) (time.Duration, int64, error) {
 	select {
 	case <-pr.done:
@@ -538,5 +544,11 @@ func (pr *netnsProc) finish(ctx context.Context, limit time.Duration) (time.Dura
 	if !ok {
 		return 0, 0, fmt.Errorf("%s: no rusage", pr.name)
 	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()), ru.Maxrss, nil
+	pr.mu.Lock()
+	rss, err := summaryRSS(pr.summary)
+	pr.mu.Unlock()
+	if err != nil {
+		return 0, 0, fmt.Errorf("%s: %w", pr.name, err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()), rss >> 10, nil
 }

@@ -1,6 +1,7 @@
 package compat
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -103,20 +104,26 @@ func benchMigrate(t *testing.T, mode string, q QEMU, g guestCase) benchRun {
 			t.Fatal(err)
 		}
 	case "sidecar", "multifd-sidecar":
-		args := []string{"--qmp", src.SidecarQMP, "--to", uri, "-q"}
+		args := []string{"--qmp", src.SidecarQMP, "--to", uri, "--json"}
 		if mode == "multifd-sidecar" {
 			// The source's 4 channels forwarded as 4 channels to a multifd destination.
 			args = append(args, "--multifd", "4", "--dst-qmp", dst.SidecarQMP)
 		}
 		cmd := exec.CommandContext(ctx, sidecarBinary(t), args...)
 		cmd.Stderr = os.Stderr
+		var events bytes.Buffer
+		cmd.Stdout = &events
 		start = time.Now()
 		if err := cmd.Run(); err != nil {
 			t.Fatal(err)
 		}
 		ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
 		run.cpu = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-		run.rssKiB = ru.Maxrss
+		rss, err := summaryRSS(events.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		run.rssKiB = rss >> 10
 	}
 	return finishBenchRun(t, ctx, src.QMP, dst, start, run)
 }

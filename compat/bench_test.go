@@ -1,6 +1,7 @@
 package compat
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"sort"
@@ -8,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
 )
 
 // TestBenchBaseline prints the reference table of QEMU migrating by itself: min and median of
@@ -74,4 +77,25 @@ func benchEnv(name string, def int) int {
 		return n
 	}
 	return def
+}
+
+// summaryRSS is the sidecar's own peak RSS in bytes, from the summary event of its --json log (a
+// whole log or the summary's line). A parent's rusage cannot give it: Linux carries the parent's
+// high-water mark into a child started with vfork+exec, as os/exec starts one, so ru_maxrss is
+// the larger of the test binary's and the sidecar's (savevm.Summary.PeakRSSBytes).
+func summaryRSS(log string) (int64, error) {
+	for _, line := range strings.Split(log, "\n") {
+		if !strings.Contains(line, `"type":"summary"`) {
+			continue
+		}
+		var e savevm.Event
+		if err := json.Unmarshal([]byte(line), &e); err != nil {
+			return 0, fmt.Errorf("summary line: %w", err)
+		}
+		if e.Summary == nil || e.Summary.PeakRSSBytes <= 0 {
+			return 0, fmt.Errorf("the summary has no peak_rss_bytes: %.200s", line)
+		}
+		return e.Summary.PeakRSSBytes, nil
+	}
+	return 0, fmt.Errorf("no summary event in the sidecar's output (%d bytes)", len(log))
 }

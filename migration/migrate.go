@@ -434,11 +434,11 @@ func (m *migration) finish(sum Summary) (Summary, error) {
 			dst = linkPeer{m}
 		}
 		if err := m.verifyRAM(&sum, dst); err != nil {
-			savevm.EmitSummary(m.o.Options, sum)
+			savevm.EmitSummary(m.o.Options, &sum)
 			return sum, err
 		}
 	}
-	savevm.EmitSummary(m.o.Options, sum)
+	savevm.EmitSummary(m.o.Options, &sum)
 	return sum, nil
 }
 

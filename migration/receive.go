@@ -97,11 +97,11 @@ func Receive(ctx context.Context, o ReceiveOptions) (Summary, error) {
 	// 5. The destination has the complete stream: see it run, and tell the sender.
 	if err := r.finish(ctx, &sum); err != nil {
 		if sum.Verify != nil {
-			savevm.EmitSummary(savevm.Options{Events: o.Events}, sum)
+			savevm.EmitSummary(savevm.Options{Events: o.Events}, &sum)
 		}
 		return sum, err
 	}
-	savevm.EmitSummary(savevm.Options{Events: o.Events}, sum)
+	savevm.EmitSummary(savevm.Options{Events: o.Events}, &sum)
 	return sum, nil
 }
 

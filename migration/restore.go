@@ -45,6 +45,6 @@ func Restore(ctx context.Context, o RestoreOptions) (Summary, error) {
 		return sum, &MigrateError{Class: class, Phase: relay.Phase(),
 			Err: fmt.Errorf("restore from %s: %w; the destination got a reset, not a complete stream", o.From, err)}
 	}
-	savevm.EmitSummary(o.Options, sum)
+	savevm.EmitSummary(o.Options, &sum)
 	return sum, nil
 }

@@ -210,6 +210,9 @@ func (p *Page) rows(run *Run) {
 		if s.Rewritten > 0 {
 			add("records rewritten for the destination's version", "rewritten", s.Rewritten, fmtInt(s.Rewritten))
 		}
+		if s.PeakRSSBytes > 0 {
+			add("the sidecar's peak memory (RSS)", "peak_rss_bytes", s.PeakRSSBytes, fmtBytes(s.PeakRSSBytes))
+		}
 		if s.PausedByPolicy {
 			add("guest paused by the policy (--timeout-action pause)", "paused_by_policy", 1, "yes")
 		}

@@ -9,6 +9,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -164,6 +167,11 @@ type Summary struct {
 	Postcopy *PostcopySummary `json:"postcopy,omitempty"`
 	// Verify is what --verify found (package migration fills it in).
 	Verify *VerifySummary `json:"verify,omitempty"`
+	// PeakRSSBytes is the sidecar's own peak resident set size when it wrote the summary
+	// (VmHWM of /proc/self/status, filled in by EmitSummary; omitted where it cannot be read).
+	// The rusage a parent gets is no substitute: Linux carries the parent's high-water mark
+	// into a child started with vfork+exec, as Go's os/exec starts one.
+	PeakRSSBytes int64 `json:"peak_rss_bytes,omitempty"`
 }
 
 // PolicyError is returned when the policy ended the migration (timeout, stall).
@@ -442,10 +450,13 @@ func (r *Relay) Resume(ctx context.Context, src io.ReadCloser, dst io.WriteClose
 	return r.Run(ctx)
 }
 
-// EmitSummary sends the final "summary" event of a finished migration to opt.Events.
-func EmitSummary(opt Options, sum Summary) {
+// EmitSummary completes the summary of a finished migration with the sidecar's own figures
+// (PeakRSSBytes) and sends it to opt.Events as the final "summary" event.
+func EmitSummary(opt Options, sum *Summary) {
+	sum.PeakRSSBytes = peakRSS()
 	if opt.Events != nil {
-		opt.Events(Event{Type: "summary", Time: time.Now(), Phase: PhaseDone, Transferred: sum.BytesOut, Summary: &sum})
+		s := *sum
+		opt.Events(Event{Type: "summary", Time: time.Now(), Phase: PhaseDone, Transferred: s.BytesOut, Summary: &s})
 	}
 }
 
@@ -1026,4 +1037,20 @@ type VerifySummary struct {
 	DestMethod   string `json:"dest_method"`
 	SourceMs     int64  `json:"source_ms"`
 	DestMs       int64  `json:"dest_ms"`
+}
+
+// peakRSS is this process's VmHWM in bytes, 0 if /proc/self/status does not say.
+func peakRSS() int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) == 3 && f[0] == "VmHWM:" && f[2] == "kB" {
+			if kb, err := strconv.ParseInt(f[1], 10, 64); err == nil {
+				return kb << 10
+			}
+		}
+	}
+	return 0
 }

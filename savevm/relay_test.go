@@ -499,3 +499,19 @@ func TestRelayLargeStream(t *testing.T) {
 		t.Errorf("peak RSS %d MiB > 64 MiB", rss>>20)
 	}
 }
+
+// TestEmitSummaryPeakRSS: the summary carries the process's own peak RSS — what the benchmarks
+// and an operator read, since a parent's rusage of the sidecar is polluted by the parent's.
+func TestEmitSummaryPeakRSS(t *testing.T) {
+	before := vmHWM(t)
+	var got []Event
+	sum := Summary{BytesOut: 1}
+	EmitSummary(Options{Events: func(e Event) { got = append(got, e) }}, &sum)
+	after := vmHWM(t)
+	if len(got) != 1 || got[0].Type != "summary" || got[0].Summary == nil {
+		t.Fatalf("events %+v", got)
+	}
+	if p := got[0].Summary.PeakRSSBytes; p < before || p > after || sum.PeakRSSBytes != p {
+		t.Errorf("peak RSS %d in the event, %d in the caller's summary; VmHWM %d before, %d after", p, sum.PeakRSSBytes, before, after)
+	}
+}
