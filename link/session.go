@@ -129,7 +129,7 @@ type Session struct {
 	next    uint64
 	held    int
 	applied atomic.Uint64
-	pool    sync.Pool
+	pool    [numBufClasses]sync.Pool // own's buffers, by size class
 }
 
 func newSession(cfg Config, side string) *Session {
@@ -1018,14 +1018,33 @@ func (s *Session) readData(c *conn) {
 	}
 }
 
-// own copies a frame's payload out of the Framer's buffer into a pooled one.
-func (s *Session) own(p []byte) []byte {
-	var b []byte
-	if v := s.pool.Get(); v != nil {
-		b = v.([]byte)
+// bufSizes are the size classes of receive buffers (larger payloads get their own): a buffer
+// is never more than twice what it holds, and a full PAGES frame of the sender's 256 KiB batches
+// fits the 272 KiB class, so the reorder window, which counts the buffers' capacity, bounds the
+// memory the frames hold. A window that counted payload bytes let 4 MiB of well-compressed
+// frames pin ~35 MiB of 256 KiB buffers.
+var bufSizes = [...]int{4 << 10, 8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 192 << 10, 272 << 10, 512 << 10, 1 << 20, 2 << 20}
+
+const numBufClasses = len(bufSizes)
+
+// bufClass is the size class of a buffer for n bytes (numBufClasses: none, n is too large).
+func bufClass(n int) int {
+	c := 0
+	for c < numBufClasses && n > bufSizes[c] {
+		c++
 	}
-	if cap(b) < len(p) {
-		b = make([]byte, 0, max(len(p), 256<<10))
+	return c
+}
+
+// own copies a frame's payload out of the Framer's buffer into a pooled one of its size class.
+func (s *Session) own(p []byte) []byte {
+	c := bufClass(len(p))
+	if c == numBufClasses {
+		return append([]byte(nil), p...)
+	}
+	b, _ := s.pool[c].Get().([]byte)
+	if b == nil {
+		b = make([]byte, 0, bufSizes[c])
 	}
 	return append(b[:0], p...)
 }
@@ -1035,7 +1054,7 @@ func (s *Session) own(p []byte) []byte {
 func (s *Session) hold(seq uint64, f Frame) bool {
 	s.rmu.Lock()
 	defer s.rmu.Unlock()
-	for seq != s.next && s.held+len(f.Payload) > s.cfg.Window {
+	for seq != s.next && s.held+cap(f.Payload) > s.cfg.Window {
 		select {
 		case <-s.done:
 			return false
@@ -1050,7 +1069,7 @@ func (s *Session) hold(seq uint64, f Frame) bool {
 		return false
 	}
 	s.pending[seq] = f
-	s.held += len(f.Payload)
+	s.held += cap(f.Payload)
 	s.rcond.Broadcast()
 	return true
 }
@@ -1091,7 +1110,7 @@ func (s *Session) nextFrame(deadline time.Time, urgent, data bool) (Frame, error
 		}
 		if f, ok := s.pending[s.next]; ok && data {
 			delete(s.pending, s.next)
-			s.held -= len(f.Payload)
+			s.held -= cap(f.Payload)
 			s.applied.Store(s.next)
 			s.next++
 			s.rcond.Broadcast()
@@ -1132,7 +1151,7 @@ func (s *Session) DataWaiting() bool {
 
 // ReleaseData gives a frame's payload back for reuse.
 func (s *Session) ReleaseData(f Frame) {
-	if cap(f.Payload) > 0 {
-		s.pool.Put(f.Payload[:0])
+	if c := bufClass(cap(f.Payload)); c < numBufClasses && bufSizes[c] == cap(f.Payload) {
+		s.pool[c].Put(f.Payload[:0])
 	}
 }

@@ -130,8 +130,8 @@ func receiveInOrder(rcv *Session, count int) error {
 }
 
 // windowWatch samples the receiver's reorder window until stop is closed: the frames held
-// early (all but the one due next) never take more than Window bytes, and held counts exactly
-// the frames held. It reports how often an early frame was held (reordering seen).
+// early (all but the one due next) never take more than Window bytes of buffers, and held
+// counts exactly the buffers of the frames held. It reports how often an early frame was held (reordering seen).
 func windowWatch(t *testing.T, rcv *Session, stop <-chan struct{}) (wait func() (samples, reordered int)) {
 	var samples, reordered int
 	var bad atomic.Value
@@ -147,9 +147,9 @@ func windowWatch(t *testing.T, rcv *Session, stop <-chan struct{}) (wait func() 
 			rcv.rmu.Lock()
 			sum, early := 0, 0
 			for seq, f := range rcv.pending {
-				sum += len(f.Payload)
+				sum += cap(f.Payload)
 				if seq != rcv.next {
-					early += len(f.Payload)
+					early += cap(f.Payload)
 				}
 			}
 			if early > rcv.cfg.Window || sum != rcv.held {
@@ -283,12 +283,13 @@ func TestDataInOrder(t *testing.T) {
 	}
 }
 
-// TestReorderWindow drives the window by hand: early frames are held up to Window bytes and no
-// more while the frame due is missing; the one due always gets in, even larger than the window;
-// all come out in order.
+// TestReorderWindow drives the window by hand: early frames are held up to Window bytes of
+// buffers and no more while the frame due is missing; the one due always gets in, even larger
+// than the window; all come out in order. Frames of 100 bytes take the smallest buffers
+// (4 KiB): the window counts the memory held, not the payload.
 func TestReorderWindow(t *testing.T) {
 	t.Parallel()
-	cfg := Config{Window: 3 * 1024, Timeout: 30 * time.Second, HandshakeTimeout: testWait}
+	cfg := Config{Window: 3 * bufSizes[0], Timeout: 30 * time.Second, HandshakeTimeout: testWait}
 	l, _ := listen(t, cfg)
 	res := acceptAsync(context.Background(), l, nil)
 	raw := newRawSender(t, l.Addr().String(), nil, 2)
@@ -307,9 +308,9 @@ func TestReorderWindow(t *testing.T) {
 		}
 		return rcv.held, seqs
 	}
-	// Frames 2…6 of 1 KiB on data 2 while 1 is missing: 2, 3 and 4 fill the window.
-	raw.send(2, frame(2, 1024), frame(3, 1024), frame(4, 1024), frame(5, 1024), frame(6, 1024))
-	waitFor(t, "three frames held", func() bool { held, _ := heldState(); return held == 3*1024 })
+	// Frames 2…6 of 100 bytes on data 2 while 1 is missing: 2, 3 and 4 fill the window.
+	raw.send(2, frame(2, 100), frame(3, 100), frame(4, 100), frame(5, 100), frame(6, 100))
+	waitFor(t, "three frames held", func() bool { held, _ := heldState(); return held == 3*bufSizes[0] })
 	for range 100 {
 		if held, seqs := heldState(); held > cfg.Window || len(seqs) != 3 {
 			t.Fatalf("%d bytes held (window %d): %v", held, cfg.Window, seqs)
@@ -317,16 +318,16 @@ func TestReorderWindow(t *testing.T) {
 		time.Sleep(100 * time.Microsecond)
 	}
 	// Frame 1, due, on data 1: everything comes out in order.
-	raw.send(1, frame(1, 1024))
+	raw.send(1, frame(1, 100))
 	for seq := uint64(1); seq <= 6; seq++ {
 		f, err := rcv.NextData(time.Now().Add(testWait))
-		if err != nil || f.Seq() != seq || !bytes.Equal(f.Payload, frame(seq, 1024)[HeaderSize:]) {
+		if err != nil || f.Seq() != seq || !bytes.Equal(f.Payload, frame(seq, 100)[HeaderSize:]) {
 			t.Fatalf("frame %d: seq %d, %v", seq, f.Seq(), err)
 		}
 	}
 	// An early frame larger than the whole window waits for its turn; the one due (larger
 	// still) gets in.
-	raw.send(2, frame(8, 8<<10))
+	raw.send(2, frame(8, 16<<10))
 	raw.send(1, frame(7, 64<<10))
 	for seq := uint64(7); seq <= 8; seq++ {
 		f, err := rcv.NextData(time.Now().Add(testWait))
@@ -920,4 +921,27 @@ func TestBacklog(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Logf("largest backlog while slow: %v", most)
+}
+
+// TestBufClass: every payload gets the smallest class that holds it, at most twice its size
+// (a full PAGES frame of 256 KiB batches, the 272 KiB class); one too large for every class gets
+// a buffer of its own size.
+func TestBufClass(t *testing.T) {
+	for _, n := range []int{0, 1, 4096, 4097, 100 << 10, 256<<10 + 8*64 + 64, 272 << 10, 2 << 20} {
+		c := bufClass(n)
+		if c >= numBufClasses || bufSizes[c] < n || (c > 0 && bufSizes[c-1] >= n) || (n >= bufSizes[0] && bufSizes[c] > 2*n) {
+			t.Errorf("%d bytes: class %d", n, c)
+		}
+	}
+	if c := bufClass(2<<20 + 1); c != numBufClasses {
+		t.Errorf("a payload over 2 MiB has class %d, want none", c)
+	}
+	var s Session
+	b := s.own(make([]byte, 5000))
+	if cap(b) != 8<<10 {
+		t.Fatalf("a 5000-byte payload got a buffer of %d", cap(b))
+	}
+	if big := s.own(make([]byte, 3<<20)); cap(big) < 3<<20 || cap(big) > 3<<20+8<<10 {
+		t.Errorf("a 3 MiB payload got a buffer of %d", cap(big))
+	}
 }
