@@ -117,11 +117,16 @@ type Encoder struct {
 	body []byte
 }
 
-// NewEncoder returns an Encoder. zstd runs at its fastest level with a single goroutine and the
-// smaller window (the batch is at most 1 MiB): the link's workers are the parallelism.
+// batchWindow is the zstd window of a PAGES body: each body is compressed on its own, and the
+// sender's batches are 256 KiB (postcopy's smaller), so a longer window finds nothing more and
+// only costs each encoder its history buffer. Receivers accept windows up to MaxBatchData.
+const batchWindow = 256 << 10
+
+// NewEncoder returns an Encoder. zstd runs at its fastest level with a single goroutine and a
+// window of batchWindow: the link's workers are the parallelism.
 func NewEncoder() *Encoder {
 	z, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1),
-		zstd.WithLowerEncoderMem(true), zstd.WithWindowSize(1<<20))
+		zstd.WithLowerEncoderMem(true), zstd.WithWindowSize(batchWindow))
 	if err != nil {
 		panic(err) // only for invalid options
 	}
