@@ -8,8 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -612,7 +614,34 @@ func (o *linkOutput) memSize(rec *stream.Record) error {
 		ms.Blocks = append(ms.Blocks, link.Block{Name: b.Name, UsedLength: b.UsedLength,
 			HasPageSize: b.HasPageSize, PageSize: b.PageSize, HasGPA: b.HasGPA, GPA: b.GPA})
 	}
+	var table int64
+	for _, h := range o.held {
+		table += int64(len(h.hash))*16 + int64(len(h.known))*8
+	}
+	reserveTableMemory(table)
 	return o.submit(ms.Append(small(64 * len(ms.Blocks))))
+}
+
+// heapLimit is the process's soft heap limit as it was before a table was reserved.
+var heapLimit struct {
+	sync.Mutex
+	base int64
+	read bool
+}
+
+// reserveTableMemory makes room for the per-page hash table (bytes) in the process's soft heap
+// limit, if one is set (GOMEMLIMIT, or the CLI's for a link): the limit is meant for the
+// buffers of fixed size, and the table grows with the guest's RAM. A later call (a new session's
+// table) replaces the earlier reservation.
+func reserveTableMemory(bytes int64) {
+	heapLimit.Lock()
+	defer heapLimit.Unlock()
+	if !heapLimit.read {
+		heapLimit.base, heapLimit.read = debug.SetMemoryLimit(-1), true
+	}
+	if heapLimit.base < math.MaxInt64/2 {
+		debug.SetMemoryLimit(heapLimit.base + bytes)
+	}
 }
 
 // toPostcopy is the switch to postcopy as the link sees it: from now on every page goes, and the

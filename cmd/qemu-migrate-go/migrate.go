@@ -98,6 +98,9 @@ func runMigrate(c *cli.Context) error {
 	if c.Bool("detach") && !isDetachedChild() {
 		return detach(c)
 	}
+	if to.IsLink() {
+		limitLinkMemory()
+	}
 	ui := newProgress(c.Bool("json"), c.Bool("quiet"))
 	opt := migration.MigrateOptions{
 		Source:      src,

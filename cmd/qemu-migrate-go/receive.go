@@ -35,17 +35,24 @@ func receiveCommand() *cli.Command {
 	}
 }
 
-// receiveMemoryLimit is the receiver's soft heap limit (GOMEMLIMIT overrides it). It holds no
-// per-page state — its heap is the reorder window, the connections' frame buffers and the
-// decoders, about 20 MiB — so the limit only keeps the garbage collector from letting freed
-// buffers double that (issue 10's bound: 32 MiB + 5 MiB per GiB of guest RAM).
-const receiveMemoryLimit = 24 << 20
+// linkMemoryLimit is the soft heap limit of both ends of a link (GOMEMLIMIT overrides it).
+// Their heaps are buffers of fixed size — frames queued and in the reorder window, the
+// connections' frame buffers, the codecs: 12-16 MiB — besides the sender's per-page hash
+// table, which the sender adds to the limit once it knows the guest's RAM. The limit keeps the
+// garbage collector from letting freed buffers double that: issue 10's bound is 32 MiB + 5 MiB
+// per GiB of guest RAM, and ~12 MiB of a sidecar's RSS is its binary's mapped pages.
+const linkMemoryLimit = 20 << 20
+
+// limitLinkMemory sets linkMemoryLimit unless GOMEMLIMIT says otherwise.
+func limitLinkMemory() {
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(linkMemoryLimit)
+	}
+}
 
 func runReceive(c *cli.Context) error {
 	eventSide = "receiver"
-	if os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(receiveMemoryLimit)
-	}
+	limitLinkMemory()
 	listen, ok := strings.CutPrefix(c.String("listen"), "tcp:")
 	if !ok {
 		return &exitError{exitUsage, fmt.Errorf("--listen tcp:HOST:PORT is required")}
