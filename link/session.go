@@ -700,6 +700,10 @@ func (s *Session) SendData(b []byte) error {
 	return s.ended()
 }
 
+// FramesHeld is how many data frames a sender's session can hold at once: queued, and one
+// being written on each data connection. Their buffers come back through SetRelease's function.
+func (s *Session) FramesHeld() int { return s.cfg.QueueFrames + s.Connections() }
+
 // Busy is how full the sender's queue is, 0 to 1: near 1 the connections are the bottleneck.
 func (s *Session) Busy() float64 { return float64(len(s.out)) / float64(cap(s.out)) }
 

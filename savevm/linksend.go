@@ -120,8 +120,8 @@ type linkOutput struct {
 	order   chan *slot // every frame, in sequence order
 	wg      sync.WaitGroup
 	sendErr atomic.Pointer[error]
-	slots   sync.Pool
-	bufs    sync.Pool
+	slots   freeList[*slot]
+	bufs    freeList[[]byte]
 
 	hdr struct{ magic, version uint32 }
 	// RAM: blocks by name (MEMSIZE order), what the destination holds per page, the batch
@@ -204,14 +204,17 @@ func newLinkOutput(r *Relay, s *link.Session, chooser *link.Chooser, lo LinkOpti
 	rand.Read(seed[:])
 	o.seed = binary.LittleEndian.Uint64(seed[:])
 	o.zero = xxh3.Hash128Seed(make([]byte, link.PageSize), o.seed)
-	o.slots.New = func() any { return &slot{ready: make(chan struct{}, 1)} }
+	// Spares for every frame that can be in flight: being filled, encoded, in order, queued
+	// in the session and written by a connection.
+	spare := cap(o.work) + cap(o.order) + s.FramesHeld() + 2
+	o.slots = newFreeList(spare, func() *slot { return &slot{ready: make(chan struct{}, 1)} })
+	o.bufs = newFreeList(spare, func() []byte { return make([]byte, 0, bigBuf) })
 	s.SetRelease(func(b []byte) {
 		if cap(b) >= bigBuf {
-			o.bufs.Put(b[:0])
+			o.bufs.put(b[:0])
 		}
 	})
 	o.devW = stream.NewWriter(&o.devBuf, stream.WithBatchSize(devFrameSize))
-	o.pkgW = stream.NewWriter(&o.pkgBuf)
 	o.postcopy = link.HasFeature(s.Welcome.Features, link.FeaturePostcopy)
 	for i := 0; i < lo.Workers; i++ {
 		o.wg.Add(1)
@@ -280,11 +283,38 @@ func (o *linkOutput) resumed(s *link.Session) *linkOutput {
 	return n
 }
 
-func (o *linkOutput) buf() []byte {
-	if v := o.bufs.Get(); v != nil {
-		return v.([]byte)
+func (o *linkOutput) buf() []byte { return o.bufs.get() }
+
+// freeList keeps up to a fixed number of spare values for reuse. A sync.Pool will not do: every
+// garbage collection empties it, and under the link's soft heap limit the collector runs often,
+// so each batch's buffers became fresh allocations that brought the next collection sooner —
+// 1,068 collections and 312 MB allocated for a 1 GiB guest, the sender's CPU 2.6 s against
+// 0.7 s without the limit.
+type freeList[T any] struct {
+	spare chan T
+	new   func() T
+}
+
+func newFreeList[T any](n int, new func() T) freeList[T] {
+	return freeList[T]{spare: make(chan T, n), new: new}
+}
+
+// get returns a spare value, or a new one.
+func (f freeList[T]) get() T {
+	select {
+	case v := <-f.spare:
+		return v
+	default:
+		return f.new()
 	}
-	return make([]byte, 0, bigBuf)
+}
+
+// put keeps v as a spare unless there are enough.
+func (f freeList[T]) put(v T) {
+	select {
+	case f.spare <- v:
+	default:
+	}
 }
 
 // small returns a buffer for a small frame (structure).
@@ -321,7 +351,7 @@ func (o *linkOutput) dispatch() {
 		}
 		sl.buf = nil
 		sl.batch.Reset(0)
-		o.slots.Put(sl)
+		o.slots.put(sl)
 	}
 }
 
@@ -335,7 +365,7 @@ func (o *linkOutput) err() error {
 
 // submit queues a frame that is already encoded.
 func (o *linkOutput) submit(b []byte) error {
-	sl := o.slots.Get().(*slot)
+	sl := o.slots.get()
 	sl.buf = b
 	sl.ready <- struct{}{}
 	return o.enqueue(sl)
@@ -370,7 +400,7 @@ func (o *linkOutput) flushBatch() error {
 	}
 	o.batch = nil
 	if sl.batch.Len() == 0 {
-		o.slots.Put(sl)
+		o.slots.put(sl)
 		return nil
 	}
 	sl.seq = o.next()
@@ -433,6 +463,9 @@ func (o *linkOutput) handle(rec *stream.Record) error {
 			o.toPostcopy()
 			o.inPkg = true
 			o.pkgBuf.b = o.pkgBuf.b[:0]
+			if o.pkgW == nil { // only a postcopy needs it (and its 1 MiB buffer)
+				o.pkgW = stream.NewWriter(&o.pkgBuf)
+			}
 			return nil
 		case rec.Cmd == stream.CmdSwitchoverStart || (o.postcopy && link.PostcopyCommand(uint16(rec.Cmd))):
 			if rec.Cmd == stream.CmdPostcopyRAMDiscard {
@@ -587,7 +620,7 @@ func (o *linkOutput) batchFor(b int) (*slot, error) {
 		}
 	}
 	if o.batch == nil {
-		o.batch = o.slots.Get().(*slot)
+		o.batch = o.slots.get()
 		o.batch.pages = true
 		o.batch.batch.Reset(uint16(b))
 	}

@@ -99,7 +99,7 @@ func runMigrate(c *cli.Context) error {
 		return detach(c)
 	}
 	if to.IsLink() {
-		limitLinkMemory()
+		limitLinkMemory(senderMemoryLimit)
 	}
 	ui := newProgress(c.Bool("json"), c.Bool("quiet"))
 	opt := migration.MigrateOptions{
