@@ -1,8 +1,8 @@
 package compat
 
 import (
-	"bytes"
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"os"

@@ -407,16 +407,16 @@ func sidecarLinkRun(ctx context.Context, migrateCtx func() (context.Context, con
 
 // netnsProc is a sidecar running inside a namespace, its --json stdout read line by line.
 type netnsProc struct {
-	name   string
-	cmd    *exec.Cmd
-	lines  chan string // the first lines (bounded), for firstLine
-	mu     sync.Mutex
-	last   string // the last stdout line so far
+	name  string
+	cmd   *exec.Cmd
+	lines chan string // the first lines (bounded), for firstLine
+	mu    sync.Mutex
+	last  string // the last stdout line so far
 	// summary is the summary event's line, where the sidecar reports its own peak RSS.
 	summary string
-	stderr lockedBuffer
-	done   chan struct{}
-	err    error
+	stderr  lockedBuffer
+	done    chan struct{}
+	err     error
 }
 
 func startNetnsProc(t *testing.T, h *NetHost, bin string, args ...string) *netnsProc {
