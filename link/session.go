@@ -121,6 +121,7 @@ type Session struct {
 	lim     *rate.Limiter
 	release func([]byte)
 	lastSeq uint64
+	ledger  ledger // bytes queued up to each recent sequence number
 
 	// Receiver: the reorder window.
 	rmu     sync.Mutex
@@ -282,21 +283,23 @@ func (s *Session) writeControl(t FrameType, payload []byte, timeout time.Duratio
 // STATUS, and VERIFY, HASHES, VERDICT); their payloads are copies. PING, PONG and ERROR are handled by the session.
 func (s *Session) Control() <-chan Frame { return s.control }
 
-// peerPing is the peer's latest PING, when it came, and the smoothed rate (data bytes/s) at
-// which the receiver has been reading, from it and the PINGs before.
+// peerPing is the peer's latest PING, when it came, the data bytes it had applied (by the
+// sender's ledger), and the smoothed rate (data bytes/s) at which the receiver has been
+// applying them, from it and the PINGs before.
 type peerPing struct {
 	Ping
-	at   time.Time
-	rate float64
+	at      time.Time
+	applied int64
+	rate    float64
 }
 
 // notePeer keeps the peer's latest PING (the control reader is its only writer).
 func (s *Session) notePeer(p Ping) {
-	cur := &peerPing{Ping: p, at: time.Now()}
-	if prev := s.peer.Load(); prev != nil && p.Received >= prev.Received {
+	cur := &peerPing{Ping: p, at: time.Now(), applied: s.ledger.upTo(p.Applied, int64(p.Received))}
+	if prev := s.peer.Load(); prev != nil && cur.applied >= prev.applied {
 		cur.rate = prev.rate
 		if dt := cur.at.Sub(prev.at).Seconds(); dt > 0 {
-			inst := float64(p.Received-prev.Received) / dt
+			inst := float64(cur.applied-prev.applied) / dt
 			if cur.rate == 0 {
 				cur.rate = inst
 			} else {
@@ -307,17 +310,51 @@ func (s *Session) notePeer(p Ping) {
 	s.peer.Store(cur)
 }
 
-// Backlog is how long the receiver needs to read what the sender has written to its
-// connections and it has not read yet (the kernels' buffers and the network hold it), at the
-// rate it has been reading: time a switchover would add to the downtime. It counts from the
-// receiver's PINGs (every 100 ms), allowing for what it read since the latest; ok is false
-// before it has sent two, or when it reads nothing while data waits.
+// ledger is the sender's running total of data bytes queued, by sequence number, for the
+// last ledgerSize frames: a receiver's PING says which frame it has applied, and the ledger
+// turns that into bytes.
+type ledger struct {
+	mu    sync.Mutex
+	total int64
+	last  uint64
+	upto  [ledgerSize]int64 // by seq % ledgerSize: the total up to and including seq
+}
+
+// ledgerSize covers every frame that can wait at a receiver: its window holds at most 1,024
+// (4 MiB of 4 KiB buffers), its sockets a few MiB.
+const ledgerSize = 4096
+
+func (l *ledger) note(seq uint64, n int64) {
+	l.mu.Lock()
+	l.total += n
+	l.last = seq
+	l.upto[seq%ledgerSize] = l.total
+	l.mu.Unlock()
+}
+
+// upTo is the bytes queued up to and including frame seq; for a frame the ledger no longer
+// holds (or a receiver that reports none applied), orElse.
+func (l *ledger) upTo(seq uint64, orElse int64) int64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if seq == 0 || seq > l.last || l.last-seq >= ledgerSize {
+		return orElse
+	}
+	return l.upto[seq%ledgerSize]
+}
+
+// Backlog is how long the receiver needs to apply what the sender has written to its
+// connections and it has not applied yet — in the kernels' buffers and the network, and in
+// the receiver's reorder window — at the rate it has been applying: time a switchover would
+// add to the downtime. It counts from the receiver's PINGs (every 100 ms; the frame applied,
+// by the ledger), allowing for what it applied since the latest; ok is false before it has
+// sent two, or when it applies nothing while data waits.
 func (s *Session) Backlog() (time.Duration, bool) {
 	p := s.peer.Load()
 	if p == nil {
 		return 0, false
 	}
-	waiting := float64(s.sent.Load()) - float64(p.Received) - p.rate*time.Since(p.at).Seconds()
+	waiting := float64(s.sent.Load()) - float64(p.applied) - p.rate*time.Since(p.at).Seconds()
 	switch {
 	case waiting <= 0:
 		return 0, true
@@ -684,6 +721,7 @@ func (s *Session) SendData(b []byte) error {
 		return fmt.Errorf("link: data frame %d sent after %d", seq, s.lastSeq)
 	} else {
 		s.lastSeq = seq
+		s.ledger.note(seq, int64(len(b)))
 	}
 	select {
 	case <-s.done: // checked first: a queue with room must not hide that the session ended

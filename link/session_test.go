@@ -923,6 +923,43 @@ func TestBacklog(t *testing.T) {
 	t.Logf("largest backlog while slow: %v", most)
 }
 
+// TestBacklogCountsTheWindow: frames the receiver has read into its reorder window but not
+// applied are still backlog — a switchover waits for them just the same. Here the window (16 MiB)
+// takes everything at once and the application is slow: by bytes read the backlog would be
+// nil; by frames applied (PING's Applied, through the sender's ledger) it is the time the
+// application still needs.
+func TestBacklogCountsTheWindow(t *testing.T) {
+	t.Parallel()
+	rcfg := Config{HandshakeTimeout: testWait, Window: 16 << 20}
+	snd, rcv, _ := linkPair(t, rcfg, quick, 1, false)
+	const frames = 400
+	var bytes int64
+	for seq := uint64(1); seq <= frames; seq++ {
+		f := testFrame(seq)
+		bytes += int64(len(f))
+		if err := snd.SendData(f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "every frame read into the window", func() bool { return rcv.BytesReceived() == bytes })
+	var most time.Duration
+	for seq := uint64(1); seq <= frames; seq++ {
+		f, err := rcv.NextData(time.Now().Add(testWait))
+		if err != nil {
+			t.Fatal(err)
+		}
+		rcv.ReleaseData(f)
+		time.Sleep(2 * time.Millisecond) // about 0.8 s for all
+		if b, ok := snd.Backlog(); ok && seq%20 == 0 {
+			most = max(most, b)
+		}
+	}
+	if most < 100*time.Millisecond {
+		t.Errorf("the largest backlog seen while %d frames waited in the window: %v", frames, most)
+	}
+	t.Logf("largest backlog with everything read but not applied: %v", most)
+}
+
 // TestBufClass: every payload gets the smallest class that holds it, at most twice its size
 // (a full PAGES frame of 256 KiB batches, the 272 KiB class); one too large for every class gets
 // a buffer of its own size.
