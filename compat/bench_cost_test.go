@@ -2,7 +2,6 @@ package compat
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -11,7 +10,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -63,20 +61,9 @@ func relayCost(t *testing.T, q QEMU, g guestCase, paused, strace bool, profile s
 		cmd = exec.CommandContext(ctx, sidecarBinary(t), args...)
 	}
 	cmd.Stderr = os.Stderr
-	var events bytes.Buffer
-	cmd.Stdout = &events
 	start := time.Now()
-	if err := cmd.Run(); err != nil {
-		t.Fatal(err)
-	}
-	run := costRun{total: time.Since(start)}
-	ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
-	run.cpu = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-	rss, err := summaryRSS(events.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	run.rssKiB = rss >> 10
+	cpu, rss := runMeasured(t, cmd)
+	run := costRun{total: time.Since(start), cpu: cpu, rssKiB: rss}
 	m, err := src.QMP.WaitMigration(ctx, 10*time.Millisecond)
 	if err != nil || m.Status != "completed" {
 		t.Fatalf("source: %+v %v", m, err)

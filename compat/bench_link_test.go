@@ -387,7 +387,7 @@ func sidecarLinkRun(ctx context.Context, migrateCtx func() (context.Context, con
 		if pr == nil {
 			continue
 		}
-		cpu, rss, err := pr.finish(ctx, time.Minute)
+		cpu, err := pr.finish(ctx, time.Minute)
 		if err != nil {
 			if receiver != nil {
 				receiver.finish(ctx, 10*time.Second) // its exit, to be reported
@@ -395,6 +395,7 @@ func sidecarLinkRun(ctx context.Context, migrateCtx func() (context.Context, con
 			}
 			t.Fatal(err)
 		}
+		rss := summaryRSS(t, pr.summaryLine())
 		if pr == sender {
 			run.srcCPU, run.srcRSS = cpu, rss
 		} else {
@@ -520,35 +521,31 @@ func (pr *netnsProc) lastWords() string {
 	return fmt.Sprintf("%s, stderr %q, last line %q", state, lastLine(pr.stderr.String()), pr.lastLine())
 }
 
-// finish waits (bounded) for a successful exit and returns the process's CPU time and the peak
-// RSS, in KiB, that its summary reports.
-func (pr *netnsProc) finish(ctx context.Context, limit time.Duration) (time.Duration, int64, error) {
+// finish waits (bounded) for a successful exit and returns the process's CPU time.
+func (pr *netnsProc) finish(ctx context.Context, limit time.Duration) (time.Duration, error) {
 	select {
 	case <-pr.done:
 	case <-time.After(limit):
-		return 0, 0, fmt.Errorf("%s did not exit within %v after the migration: %s", pr.name, limit, pr.lastWords())
+		return 0, fmt.Errorf("%s did not exit within %v after the migration: %s", pr.name, limit, pr.lastWords())
 	case <-ctx.Done():
-		return 0, 0, ctx.Err()
+		return 0, ctx.Err()
 	}
 	if code := pr.exitCode(); code != 0 {
-		return 0, 0, fmt.Errorf("%s exited %d: %s", pr.name, code, pr.lastWords())
+		return 0, fmt.Errorf("%s exited %d: %s", pr.name, code, pr.lastWords())
 	}
 	var ev struct {
 		Type     string
 		ExitCode *int `json:"exit_code"`
 	}
 	if last := pr.lastLine(); json.Unmarshal([]byte(last), &ev) != nil || ev.Type != "exit" || ev.ExitCode == nil || *ev.ExitCode != 0 {
-		return 0, 0, fmt.Errorf("%s: last line %q, want {\"type\":\"exit\",\"exit_code\":0,…}", pr.name, last)
+		return 0, fmt.Errorf("%s: last line %q, want {\"type\":\"exit\",\"exit_code\":0,…}", pr.name, last)
 	}
-	ru, ok := pr.cmd.ProcessState.SysUsage().(*syscall.Rusage)
-	if !ok {
-		return 0, 0, fmt.Errorf("%s: no rusage", pr.name)
-	}
+	return cpuTime(pr.cmd.ProcessState), nil
+}
+
+// summaryLine is the summary event's line, where the sidecar reports its own peak RSS.
+func (pr *netnsProc) summaryLine() string {
 	pr.mu.Lock()
-	rss, err := summaryRSS(pr.summary)
-	pr.mu.Unlock()
-	if err != nil {
-		return 0, 0, fmt.Errorf("%s: %w", pr.name, err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()), rss >> 10, nil
+	defer pr.mu.Unlock()
+	return pr.summary
 }

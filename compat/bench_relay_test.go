@@ -1,7 +1,6 @@
 package compat
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -10,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -111,19 +109,8 @@ func benchMigrate(t *testing.T, mode string, q QEMU, g guestCase) benchRun {
 		}
 		cmd := exec.CommandContext(ctx, sidecarBinary(t), args...)
 		cmd.Stderr = os.Stderr
-		var events bytes.Buffer
-		cmd.Stdout = &events
 		start = time.Now()
-		if err := cmd.Run(); err != nil {
-			t.Fatal(err)
-		}
-		ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
-		run.cpu = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-		rss, err := summaryRSS(events.String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		run.rssKiB = rss >> 10
+		run.cpu, run.rssKiB = runMeasured(t, cmd)
 	}
 	return finishBenchRun(t, ctx, src.QMP, dst, start, run)
 }

@@ -1,16 +1,15 @@
 package compat
 
 import (
-	"encoding/json"
+	"bytes"
 	"fmt"
 	"os"
+	"os/exec"
 	"sort"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/qemu-migrate-go/qemu-migrate-go/savevm"
 )
 
 // TestBenchBaseline prints the reference table of QEMU migrating by itself: min and median of
@@ -79,23 +78,35 @@ func benchEnv(name string, def int) int {
 	return def
 }
 
-// summaryRSS is the sidecar's own peak RSS in bytes, from the summary event of its --json log (a
-// whole log or the summary's line). A parent's rusage cannot give it: Linux carries the parent's
-// high-water mark into a child started with vfork+exec, as os/exec starts one, so ru_maxrss is
-// the larger of the test binary's and the sidecar's (savevm.Summary.PeakRSSBytes).
-func summaryRSS(log string) (int64, error) {
-	for _, line := range strings.Split(log, "\n") {
-		if !strings.Contains(line, `"type":"summary"`) {
-			continue
+// summaryRSS is the sidecar's own peak RSS in KiB, from the summary event of its --json output
+// (jsonEvents). A parent's rusage cannot give it: Linux carries the parent's high-water mark into
+// a child started with vfork+exec, as os/exec starts one, so ru_maxrss is the larger of the test
+// binary's and the sidecar's (savevm.Summary.PeakRSSBytes).
+func summaryRSS(t *testing.T, out string) int64 {
+	t.Helper()
+	for _, e := range jsonEvents(t, out) {
+		if e.Type == "summary" {
+			if e.Summary == nil || e.Summary.PeakRSSBytes <= 0 {
+				t.Fatalf("the sidecar's summary has no peak_rss_bytes: %+v", e.Summary)
+			}
+			return e.Summary.PeakRSSBytes >> 10
 		}
-		var e savevm.Event
-		if err := json.Unmarshal([]byte(line), &e); err != nil {
-			return 0, fmt.Errorf("summary line: %w", err)
-		}
-		if e.Summary == nil || e.Summary.PeakRSSBytes <= 0 {
-			return 0, fmt.Errorf("the summary has no peak_rss_bytes: %.200s", line)
-		}
-		return e.Summary.PeakRSSBytes, nil
 	}
-	return 0, fmt.Errorf("no summary event in the sidecar's output (%d bytes)", len(log))
+	t.Fatalf("no summary event in the sidecar's output (%d bytes)", len(out))
+	return 0
+}
+
+// cpuTime is the user and system CPU time of a process that has exited.
+func cpuTime(ps *os.ProcessState) time.Duration { return ps.UserTime() + ps.SystemTime() }
+
+// runMeasured runs the sidecar (with --json) to its end and returns its CPU time and its own
+// peak RSS in KiB.
+func runMeasured(t *testing.T, cmd *exec.Cmd) (cpu time.Duration, rssKiB int64) {
+	t.Helper()
+	var out bytes.Buffer
+	cmd.Stdout = &out
+	if err := cmd.Run(); err != nil {
+		t.Fatal(err)
+	}
+	return cpuTime(cmd.ProcessState), summaryRSS(t, out.String())
 }

@@ -33,8 +33,9 @@ type Config struct {
 	HandshakeTimeout time.Duration
 	// Bandwidth caps the sender's data connections together, bytes/s; 0 = none.
 	Bandwidth int64
-	// Window is how many bytes of early data frames the receiver holds while it waits for an
-	// earlier one (default 16 MiB); a frame beyond it waits on its connection.
+	// Window is how many bytes of buffers (own's size classes, not payload bytes) early data
+	// frames may take while the receiver waits for an earlier one (default 16 MiB); a frame
+	// beyond it waits on its connection.
 	Window int
 	// QueueFrames is how many encoded data frames the sender queues for its connections
 	// (default 8).

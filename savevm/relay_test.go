@@ -446,20 +446,14 @@ func TestRelaySyntheticHelper(t *testing.T) {
 	fmt.Printf("RELAYED %d %d %d\n", n, d.Nanoseconds(), vmHWM(t))
 }
 
-// vmHWM returns this process's peak resident set size (VmHWM of /proc/self/status), in bytes.
+// vmHWM returns this process's peak resident set size (peakRSS: VmHWM of /proc/self/status),
+// in bytes.
 func vmHWM(t testing.TB) int64 {
-	b, err := os.ReadFile("/proc/self/status")
-	if err != nil {
-		t.Fatal(err)
+	n := peakRSS()
+	if n == 0 {
+		t.Fatal("no VmHWM in /proc/self/status")
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) == 3 && f[0] == "VmHWM:" {
-			kb, _ := strconv.ParseInt(f[1], 10, 64)
-			return kb << 10
-		}
-	}
-	t.Fatal("no VmHWM in /proc/self/status")
-	return 0
+	return n
 }
 
 // TestRelayLargeStream relays a synthetic 16 GiB stream (QMG_RELAY_GIB overrides) through the
