@@ -247,18 +247,22 @@ func TestPolicyTimeout(t *testing.T) {
 	}
 }
 
-// TestPolicyAutoConverge: the dirty guest rewrites all of its 99 MiB faster than any link here
-// carries them, so a 30 ms budget is not met without help (see TestPolicyTimeout). With
-// --auto-converge QEMU throttles its vCPU, more at every other pass: the throttle must show in the
-// events, and the capability must be set back afterwards. Whether the throttled guest then fits
-// 30 ms depends on how busy the machine is, so --timeout-action pause completes it either way.
+// TestPolicyAutoConverge: with --auto-converge QEMU throttles its vCPU once two dirty syncs in a
+// row, at least a second apart, find more dirtied than half of what was sent. The throttle must
+// show in the events, and the capability must be set back afterwards.
+//
+// The source is capped at 20 MB/s, so every pass over the guest's 99 MiB takes about 5 s and the
+// 30 ms budget allows 0.6 MB of dirty RAM. Uncapped, a guest starved of CPU on a busy machine once
+// dirtied less than 30 ms of loopback speed during a 200 ms first pass, and QEMU completed before
+// any second sync (seen in CI). Whether the throttled guest then fits 30 ms depends on how busy the
+// machine is, so --timeout-action pause completes it either way.
 func TestPolicyAutoConverge(t *testing.T) {
 	q := requireQEMU(t, "7.2")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	src, dst, uri := dirtyPair(ctx, t, q)
 	stdout, stderr, code, wall := runSidecar(t, 90*time.Second, "--qmp", src.SidecarQMP, "--to", uri, "--dst-qmp", dst.SidecarQMP,
-		"--downtime", "30ms", "--auto-converge", "--timeout", "30s", "--timeout-action", "pause", "--json")
+		"--downtime", "30ms", "--bandwidth", "20000000", "--auto-converge", "--timeout", "25s", "--timeout-action", "pause", "--json")
 	if code != 0 {
 		t.Fatalf("exit %d after %v: %s", code, wall, stderr)
 	}
