@@ -286,6 +286,63 @@ func TestPolicyAutoConverge(t *testing.T) {
 	}
 }
 
+// TestPolicySwitchesMidPass: in relay mode QEMU keeps its own switchover rule with the budget as
+// its downtime-limit (savevm.HoldDowntime), so it stops the guest in the middle of a pass, as
+// soon as what is left fits, as it does migrating directly. The source is paused (nothing is
+// dirtied) and capped at 25 MB/s; its first pass over the dirty guest's 99 MiB takes about 4 s,
+// and with a 3 s budget QEMU switches over when about 75 MB are left: the last 29 MiB of the
+// guest's RAM are zero pages (9 bytes each), so some 45 MB of full pages go with the guest
+// stopped. Held at 1 ms it could only switch over after the whole pass, with nothing left: the
+// RAM sent with the guest stopped is what tells the two apart.
+func TestPolicySwitchesMidPass(t *testing.T) {
+	for _, series := range Versions {
+		t.Run(series, func(t *testing.T) {
+			q := requireQEMU(t, series)
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			src, dst, uri := dirtyPair(ctx, t, q)
+			if err := src.QMP.Stop(ctx); err != nil {
+				t.Fatal(err)
+			}
+			stdout, stderr, code, wall := runSidecar(t, time.Minute, "--qmp", src.SidecarQMP, "--to", uri,
+				"--downtime", "3s", "--bandwidth", "25000000", "--json")
+			if code != 0 {
+				t.Fatalf("exit %d after %v: %s", code, wall, stderr)
+			}
+			var atStop, atDevices int64 = -1, -1
+			var sum *savevm.Summary
+			for _, e := range jsonEvents(t, stdout) {
+				switch {
+				case e.Type == "phase" && e.Phase == savevm.PhaseComplete:
+					atStop = e.Transferred
+				case e.Type == "phase" && e.Phase == savevm.PhaseDevices:
+					atDevices = e.Transferred
+				case e.Summary != nil:
+					sum = e.Summary
+				}
+			}
+			if atStop < 0 || atDevices < 0 || sum == nil {
+				t.Fatalf("no complete or devices phase, or no summary, in:\n%s", stdout)
+			}
+			stopped := atDevices - atStop
+			t.Logf("done in %v: %.1f MB of RAM sent with the guest stopped, downtime %d ms", wall.Round(time.Millisecond), float64(stopped)/1e6, sum.DowntimeMs)
+			if stopped < 20e6 {
+				t.Errorf("%d bytes of RAM sent after the stop: QEMU switched over only after the whole pass", stopped)
+			}
+			if sum.DowntimeMs > 4500 {
+				t.Errorf("downtime %d ms with a 3 s budget", sum.DowntimeMs)
+			}
+			if _, err := dst.WaitStatus(ctx, "paused"); err != nil {
+				t.Fatal(err)
+			}
+			f, size := guestDump(t, dst, "dst.bin")
+			if _, err := CheckDirty(f, size); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+}
+
 // TestCLIDetach runs `migrate --detach` as a libvirt hook would: the command must return at
 // once with exit 0, naming the background process and its log; that process must run in its own
 // session without the caller's descriptors, and its log must end with the exit event of a

@@ -115,7 +115,7 @@ func Migrate(ctx context.Context, o MigrateOptions) (Summary, error) {
 	if err := m.openDestination(ctx); err != nil {
 		return m.fail(classOf(err, ErrDestination), err)
 	}
-	// 4. Hold the source (its switchover is the sidecar's decision) and let it migrate into a
+	// 4. Hold the source for the policy (HoldDowntime) and let it migrate into a
 	//    private socket. From here on every failure puts the source back.
 	if err := m.startSource(ctx); err != nil {
 		return m.recoverFrom(ctx, err, ErrSource, m.phase)
@@ -331,7 +331,7 @@ func (m *migration) startSource(ctx context.Context) error {
 	if err := m.keepCapabilities(sctx); err != nil {
 		return err
 	}
-	if err := savevm.Hold(sctx, m.src, m.o.Policy); err != nil {
+	if err := savevm.Hold(sctx, m.src, m.o.Policy, m.session != nil); err != nil {
 		return err
 	}
 	if err := m.enableMultifd(sctx); err != nil {

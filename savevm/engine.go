@@ -257,14 +257,14 @@ func NewRelay(src io.ReadCloser, dst io.WriteCloser, ctl Control, opt Options) *
 	return r
 }
 
-// Hold sets the source's parameters before `migrate` so that QEMU cannot switch over before the
-// policy allows it: a 1 ms downtime limit lets QEMU complete only when almost nothing is left.
-func Hold(ctx context.Context, ctl Control, p Policy) error {
+// Hold sets the source's parameters before `migrate`: the bandwidth cap, the capabilities of
+// HoldCapabilities, and QEMU's downtime-limit (HoldDowntime).
+func Hold(ctx context.Context, ctl Control, p Policy, overLink bool) error {
 	bw := p.Bandwidth
 	if bw == 0 {
 		bw = 1 << 40
 	}
-	params := map[string]any{"max-bandwidth": bw, "downtime-limit": 1}
+	params := map[string]any{"max-bandwidth": bw, "downtime-limit": HoldDowntime(p, overLink).Milliseconds()}
 	if p.Postcopy {
 		params["max-postcopy-bandwidth"] = p.PostcopyBandwidth
 	}
@@ -272,6 +272,26 @@ func Hold(ctx context.Context, ctl Control, p Policy) error {
 		return err
 	}
 	return ctl.SetParameters(ctx, params)
+}
+
+// HoldDowntime is the downtime-limit the source runs with until the policy decides.
+//
+// In relay mode it is the budget itself. QEMU then applies its own rule (pending < its bandwidth
+// × limit) in the middle of a pass, as it does migrating directly, and switches over at the
+// moment it would without the sidecar; the policy still releases earlier when its own estimate
+// fits, and forces, pauses or aborts at its limits. Held at 1 ms, QEMU could only switch over once
+// a whole pass had ended, and then up to 100 ms after the policy's release, because QEMU takes a
+// new limit into its threshold only at its next bandwidth update (BUFFER_DELAY): a 1 GiB dirty
+// guest took 2× QEMU's direct time through the relay.
+//
+// Over a link QEMU measures only its local socket and cannot see what waits on the link (the
+// receiver's window, the kernels' buffers), so it is held at 1 ms and completes only when the
+// policy, which counts that backlog, releases it.
+func HoldDowntime(p Policy, overLink bool) time.Duration {
+	if overLink {
+		return time.Millisecond
+	}
+	return max(p.withDefaults().Downtime, time.Millisecond).Truncate(time.Millisecond)
 }
 
 // HoldCapabilities are the source capabilities Hold turns on: events (MIGRATION_PASS lets the
@@ -461,9 +481,9 @@ func EmitSummary(opt Options, sum *Summary) {
 }
 
 // policyLoop watches the source every PollInterval, reports progress, and steers QEMU's
-// switchover by its downtime-limit: held at 1 ms until the policy decides (expected downtime
-// within Downtime, iteration limit, timeout with pause), then raised to QEMU's maximum so that
-// QEMU switches over at once, whatever its own bandwidth estimate says.
+// switchover by its downtime-limit: held (HoldDowntime) until the policy decides (expected
+// downtime within Downtime, iteration limit, timeout with pause), then raised to QEMU's maximum so
+// that QEMU switches over at its next check, whatever its own bandwidth estimate says.
 func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan struct{}) error {
 	p := r.opt.Policy
 	t := time.NewTicker(r.opt.PollInterval)

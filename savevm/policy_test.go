@@ -32,3 +32,26 @@ func TestDecideBacklog(t *testing.T) {
 		})
 	}
 }
+
+// TestHoldDowntime: in relay mode QEMU runs with the budget as its downtime-limit (its own rule
+// then switches over mid-pass, as it would directly); over a link, where QEMU cannot see the
+// backlog, it is held at 1 ms. QEMU's limit is in whole milliseconds and 0 would let it complete
+// at every pass end.
+func TestHoldDowntime(t *testing.T) {
+	for _, c := range []struct {
+		budget   time.Duration
+		overLink bool
+		want     time.Duration
+	}{
+		{0, false, 300 * time.Millisecond}, // the default budget
+		{30 * time.Millisecond, false, 30 * time.Millisecond},
+		{1500 * time.Microsecond, false, time.Millisecond},
+		{100 * time.Microsecond, false, time.Millisecond},
+		{0, true, time.Millisecond},
+		{2 * time.Second, true, time.Millisecond},
+	} {
+		if got := HoldDowntime(Policy{Downtime: c.budget}, c.overLink); got != c.want {
+			t.Errorf("HoldDowntime(%v, overLink %v) = %v, want %v", c.budget, c.overLink, got, c.want)
+		}
+	}
+}
