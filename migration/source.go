@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -121,13 +122,44 @@ func lockSource(ep qmp.Endpoint) (func(), error) {
 	}
 	sum := sha256.Sum256([]byte(key))
 	path := filepath.Join(os.TempDir(), fmt.Sprintf("qemu-migrate-go-%x.lock", sum[:8]))
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
+	unlock, err := lockFile(path)
+	if errors.Is(err, errLocked) {
 		return nil, fmt.Errorf("another qemu-migrate-go is already migrating the VM of %s (lock %s)", ep, path)
 	}
-	return func() { f.Close() }, nil
+	return unlock, err
+}
+
+// errLocked is lockFile's answer when another process holds the lock.
+var errLocked = errors.New("locked")
+
+// lockFile takes an exclusive flock on the file at path, created if need be, without waiting.
+// The file is removed on unlock, so that a host does not keep one for every VM it ever migrated.
+// That opens a race, closed here: a second taker may open the file just before the holder
+// removes it, and then lock a file that is no longer at path while a third creates and locks a
+// new one. So a lock counts only if the file locked is still the one at path; otherwise it is
+// taken again. The file is opened without following a symbolic link (the temporary folder is
+// shared with other users).
+func lockFile(path string) (func(), error) {
+	for try := 0; try < 100; try++ {
+		f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|syscall.O_NOFOLLOW, 0o600)
+		if err != nil {
+			return nil, err
+		}
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+			f.Close()
+			if errors.Is(err, syscall.EWOULDBLOCK) {
+				return nil, errLocked
+			}
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		var held, now syscall.Stat_t
+		if syscall.Fstat(int(f.Fd()), &held) == nil && syscall.Lstat(path, &now) == nil && held.Dev == now.Dev && held.Ino == now.Ino {
+			return func() {
+				os.Remove(path) // while still holding it: a taker that opened it first sees it gone
+				f.Close()
+			}, nil
+		}
+		f.Close() // the holder removed it meanwhile: take the one at path now
+	}
+	return nil, fmt.Errorf("lock %s: the file kept changing under the lock", path)
 }
