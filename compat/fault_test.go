@@ -747,13 +747,16 @@ func TestFault(t *testing.T) {
 	})
 
 	// Two sidecars against the same VM at once: the second refuses at once, the first completes.
+	// The first is capped at 50 MB/s, so that it still runs when the second starts on a busy
+	// machine (uncapped it can be done in 130 ms), and switches over after its first pass (about
+	// 2 s; the dirty guest never converges at that rate).
 	t.Run("two-sidecars", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
 		src, dst, uri := faultPair(t, ctx, q72)
 		started := make(chan struct{})
 		first := startSidecar(t, atPhase(savevm.PhaseSetup, func(*sidecarProc) { close(started) }),
-			"--qmp", src.SidecarQMP, "--to", uri, "--dst-qmp", dst.SidecarQMP, "--json")
+			"--qmp", src.SidecarQMP, "--to", uri, "--dst-qmp", dst.SidecarQMP, "--json", "--bandwidth", "50000000", "--max-iterations", "1")
 		select {
 		case <-started:
 		case <-first.done:
