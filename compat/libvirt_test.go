@@ -173,7 +173,8 @@ func TestLibvirtFault(t *testing.T) {
 	requireOwnLibvirtd(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	// 1 GiB: the first pass takes long enough for the kill to land in it.
+	// 1 GiB, and the source capped at 100 MB/s below: the first pass takes about a second, long
+	// enough for the kill to land in it (uncapped, QEMU may switch over 150 ms in).
 	d := StartDomain(t, DomainConfig{MemMiB: 1024, Disk: GuestDirty()})
 	if err := d.WaitMoreSerial(ctx, 'B', 3); err != nil {
 		t.Fatal(err)
@@ -201,7 +202,7 @@ func TestLibvirtFault(t *testing.T) {
 			time.Sleep(500 * time.Millisecond)
 			restarted <- RestartLibvirtd()
 		}()
-	}), "--libvirt", LibvirtURI, "--domain", d.Name, "--to", uri, "--dst-qmp", dst.SidecarQMP, "--json")
+	}), "--libvirt", LibvirtURI, "--domain", d.Name, "--to", uri, "--dst-qmp", dst.SidecarQMP, "--json", "--bandwidth", "100000000")
 	code, wall, stderr := p.wait(t, time.Minute)
 	if err := <-restarted; err != nil {
 		t.Fatalf("libvirtd: %v", err)
