@@ -25,9 +25,11 @@ func TestLockSource(t *testing.T) {
 	if _, err := lockSource(ep); err == nil || !strings.Contains(err.Error(), "already migrating") {
 		t.Fatalf("second lock: %v, want a refusal", err)
 	}
-	if _, err := lockSource(qmp.Endpoint{Socket: ep.Socket + ".other"}); err != nil {
+	other, err := lockSource(qmp.Endpoint{Socket: ep.Socket + ".other"})
+	if err != nil {
 		t.Fatalf("another VM's lock: %v", err)
 	}
+	defer other()
 	unlock()
 	left, _ := filepath.Glob(filepath.Join(os.TempDir(), "qemu-migrate-go-*.lock"))
 	if len(left) != 1 { // the other VM's lock is still held

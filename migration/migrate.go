@@ -331,7 +331,7 @@ func (m *migration) startSource(ctx context.Context) error {
 	if err := m.keepCapabilities(sctx); err != nil {
 		return err
 	}
-	if err := savevm.Hold(sctx, m.src, m.o.Policy, m.session != nil); err != nil {
+	if err := savevm.Hold(sctx, m.src, m.o.Policy, m.o.To.IsLink()); err != nil {
 		return err
 	}
 	if err := m.enableMultifd(sctx); err != nil {
