@@ -152,8 +152,9 @@ func lockFile(path string) (func(), error) {
 			}
 			return nil, fmt.Errorf("lock %s: %w", path, err)
 		}
-		var held, now syscall.Stat_t
-		if syscall.Fstat(int(f.Fd()), &held) == nil && syscall.Lstat(path, &now) == nil && held.Dev == now.Dev && held.Ino == now.Ino {
+		held, err1 := f.Stat()
+		now, err2 := os.Lstat(path)
+		if err1 == nil && err2 == nil && os.SameFile(held, now) {
 			return func() {
 				os.Remove(path) // while still holding it: a taker that opened it first sees it gone
 				f.Close()
