@@ -59,7 +59,7 @@ func benchLibvirtMigrate(t *testing.T, mode string, q QEMU, mem int) benchRun {
 		}
 		run.cpu = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
 	}
-	return finishBenchRun(t, ctx, src, dst, start, run)
+	return finishBenchRun(t, ctx, src, dst, start, run, false)
 }
 
 // TestBenchLibvirt prints the libvirt benchmark (QMG_BENCH=1, make bench): a libvirt domain

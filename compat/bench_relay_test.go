@@ -21,12 +21,18 @@ type benchRun struct {
 	downtime time.Duration // the source QEMU's downtime figure
 	cpu      time.Duration // sidecar user+system CPU (sidecar mode only)
 	rssKiB   int64         // sidecar peak RSS (sidecar mode only)
+	// syncs is the source's dirty-sync-count and downBytes what it sent with the guest stopped:
+	// together they show whether QEMU switched over in the middle of its first pass (few syncs,
+	// many bytes after the stop) or after full passes (the running fill guest does either).
+	syncs     int64
+	downBytes int64
 }
 
 // benchMigrate migrates guest g once in one of three ways: "direct" (QEMU to QEMU over TCP),
 // "proxy" (source → unix socket → io.Copy → TCP, the KubeVirt-proxy pattern) or "sidecar" (the
-// binary). The destination runs when it returns.
-func benchMigrate(t *testing.T, mode string, q QEMU, g guestCase) benchRun {
+// binary). The destination runs when it returns (or is paused, if paused stopped the source
+// first: one pass and no dirtying, the pure data path).
+func benchMigrate(t *testing.T, mode string, q QEMU, g guestCase, paused bool) benchRun {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	disk := g.disk(g.memMiB)
@@ -58,6 +64,11 @@ func benchMigrate(t *testing.T, mode string, q QEMU, g guestCase) benchRun {
 	}
 	if err := src.WaitMoreSerial(ctx, g.progress, 3); err != nil {
 		t.Fatal(err)
+	}
+	if paused {
+		if err := src.QMP.Stop(ctx); err != nil {
+			t.Fatal(err)
+		}
 	}
 	var run benchRun
 	start := time.Now()
@@ -112,7 +123,7 @@ func benchMigrate(t *testing.T, mode string, q QEMU, g guestCase) benchRun {
 		start = time.Now()
 		run.cpu, run.rssKiB = runMeasured(t, cmd)
 	}
-	return finishBenchRun(t, ctx, src.QMP, dst, start, run)
+	return finishBenchRun(t, ctx, src.QMP, dst, start, run, paused)
 }
 
 // multifdTuning is QEMU's own multifd with 4 channels (what libvirt's --parallel sets).
@@ -120,9 +131,13 @@ var multifdTuning = Tuning{Capabilities: map[string]bool{"multifd": true}, Param
 
 // finishBenchRun waits until the destination runs (the end of total, counted from start) and
 // takes the source QEMU's downtime figure.
-func finishBenchRun(t *testing.T, ctx context.Context, src *qmp.Client, dst *VM, start time.Time, run benchRun) benchRun {
+func finishBenchRun(t *testing.T, ctx context.Context, src *qmp.Client, dst *VM, start time.Time, run benchRun, paused bool) benchRun {
 	t.Helper()
-	if _, err := dst.WaitStatus(ctx, "running"); err != nil {
+	want := "running"
+	if paused {
+		want = "paused"
+	}
+	if _, err := dst.WaitStatus(ctx, want); err != nil {
 		t.Fatal(err)
 	}
 	run.total = time.Since(start)
@@ -131,6 +146,10 @@ func finishBenchRun(t *testing.T, ctx context.Context, src *qmp.Client, dst *VM,
 		t.Fatalf("source: %+v %v", m, err)
 	}
 	run.downtime = time.Duration(m.Downtime) * time.Millisecond
+	if m.RAM != nil {
+		run.syncs, run.downBytes = m.RAM.DirtySyncCount, m.RAM.DowntimeBytes
+		t.Logf("total %v, downtime %v, %d dirty syncs, %d MB sent after the stop", run.total.Round(time.Millisecond), run.downtime, run.syncs, run.downBytes>>20)
+	}
 	return run
 }
 
@@ -147,7 +166,8 @@ func TestBenchRelay(t *testing.T) {
 	var rows, mrows []string
 	for _, series := range Versions {
 		q := requireQEMU(t, series)
-		for _, g := range guestCases(mem, mem) {
+		for _, c := range relayBenchCases(mem) {
+			g, name := c.g, c.name()
 			res := map[string][]benchRun{}
 			plain := []string{"direct", "proxy", "sidecar"}
 			if os.Getenv("QMG_BENCH_MULTIFD") == "only" {
@@ -155,40 +175,79 @@ func TestBenchRelay(t *testing.T) {
 			}
 			for i := 0; i < runs; i++ {
 				for _, mode := range plain { // interleaved: same conditions
-					t.Run(fmt.Sprintf("%s/%s/%s/%d", series, g.name, mode, i), func(t *testing.T) {
-						res[mode] = append(res[mode], benchMigrate(t, mode, q, g))
+					t.Run(fmt.Sprintf("%s/%s/%s/%d", series, name, mode, i), func(t *testing.T) {
+						res[mode] = append(res[mode], benchMigrate(t, mode, q, g, c.paused))
 					})
 				}
 			}
-			if os.Getenv("QMG_BENCH_MULTIFD") != "0" {
+			if os.Getenv("QMG_BENCH_MULTIFD") != "0" && !c.paused {
 				for i := 0; i < runs; i++ {
 					for _, mode := range []string{"multifd-direct", "multifd-sidecar"} {
-						t.Run(fmt.Sprintf("%s/%s/%s/%d", series, g.name, mode, i), func(t *testing.T) {
-							res[mode] = append(res[mode], benchMigrate(t, mode, q, g))
+						t.Run(fmt.Sprintf("%s/%s/%s/%d", series, name, mode, i), func(t *testing.T) {
+							res[mode] = append(res[mode], benchMigrate(t, mode, q, g, false))
 						})
 					}
 				}
 				md, ms := median(res["multifd-direct"]), median(res["multifd-sidecar"])
-				mrows = append(mrows, fmt.Sprintf("%-5s %-5s %4dMiB | %8v %6v | %8v %6v %7v %6dMiB | %5.2f×  %+v",
-					series, g.name, mem, md.total, md.downtime, ms.total, ms.downtime, ms.cpu, ms.rssKiB>>10,
+				mrows = append(mrows, fmt.Sprintf("%-5s %-12s %4dMiB | %8v %6v | %8v %6v %7v %6dMiB | %5.2f×  %+v",
+					series, name, mem, md.total, md.downtime, ms.total, ms.downtime, ms.cpu, ms.rssKiB>>10,
 					ms.total.Seconds()/md.total.Seconds(), ms.downtime-md.downtime))
 			}
 			if plain == nil {
 				continue
 			}
 			d, p, s := median(res["direct"]), median(res["proxy"]), median(res["sidecar"])
-			rows = append(rows, fmt.Sprintf("%-5s %-5s %4dMiB | %8v %6v | %8v %6v | %8v %6v %7v %6dMiB | %5.2f× %5.2f×  %+v",
-				series, g.name, mem, d.total, d.downtime, p.total, p.downtime, s.total, s.downtime, s.cpu, s.rssKiB>>10,
-				s.total.Seconds()/d.total.Seconds(), s.total.Seconds()/p.total.Seconds(), s.downtime-d.downtime))
+			rows = append(rows, fmt.Sprintf("%-5s %-12s %4dMiB | %8v %6v | %8v %6v | %8v %6v %7v %6dMiB | %5.2f× %5.2f×  %+v | %s / %s / %s",
+				series, name, mem, d.total, d.downtime, p.total, p.downtime, s.total, s.downtime, s.cpu, s.rssKiB>>10,
+				s.total.Seconds()/d.total.Seconds(), s.total.Seconds()/p.total.Seconds(), s.downtime-d.downtime,
+				passes(res["direct"]), passes(res["proxy"]), passes(res["sidecar"])))
 		}
 	}
 	t.Logf("\nmedians of %d runs (total = migrate start → destination running; downtime = source QEMU's)\n"+
-		"qemu  guest  size   | direct total/down | proxy total/down  | sidecar total/down/cpu/rss      | vs direct, vs proxy, downtime Δ\n%s",
+		"qemu  guest        size   | direct total/down | proxy total/down  | sidecar total/down/cpu/rss      | vs direct, vs proxy, downtime Δ | each run's dirty syncs:MB sent after the stop, direct / proxy / sidecar\n%s",
 		runs, strings.Join(rows, "\n"))
 	if len(mrows) > 0 {
 		t.Logf("\nmultifd, 4 channels, medians of %d runs: QEMU multifd direct against the source's channels through the sidecar to a multifd destination\n"+
-			"qemu  guest  size   | direct total/down | sidecar total/down/cpu/rss      | vs direct, downtime Δ\n%s", runs, strings.Join(mrows, "\n"))
+			"qemu  guest        size   | direct total/down | sidecar total/down/cpu/rss      | vs direct, downtime Δ\n%s", runs, strings.Join(mrows, "\n"))
 	}
+}
+
+// relayBenchCase is one row of the relay benchmark: a guest, running or paused.
+type relayBenchCase struct {
+	g      guestCase
+	paused bool
+}
+
+func (c relayBenchCase) name() string {
+	if c.paused {
+		return c.g.name + "/paused"
+	}
+	return c.g.name
+}
+
+// relayBenchCases are the dirty and fill guests running, and the fill guest paused. Running,
+// the fill guest's migrations differ in what QEMU decides (it switches over in the middle of
+// its first pass with hundreds of MB still to send, or after full passes with 64 MB); paused,
+// every mode and run does the same work (one pass, 785 MB), so any spread left there is the
+// data path's own, QEMU's by itself included. The syncs:MB column shows which is which.
+func relayBenchCases(mem int) []relayBenchCase {
+	var cs []relayBenchCase
+	for _, g := range guestCases(mem, mem) {
+		cs = append(cs, relayBenchCase{g: g})
+		if g.name == "fill" {
+			cs = append(cs, relayBenchCase{g: g, paused: true})
+		}
+	}
+	return cs
+}
+
+// passes lists each run's dirty syncs and MB sent after the stop, as syncs:MB.
+func passes(rs []benchRun) string {
+	var b []string
+	for _, r := range rs {
+		b = append(b, fmt.Sprintf("%d:%d", r.syncs, r.downBytes>>20))
+	}
+	return strings.Join(b, " ")
 }
 
 func median(rs []benchRun) benchRun {
