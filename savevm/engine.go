@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"strconv"
 	"strings"
@@ -1016,6 +1017,23 @@ type countingWriter struct {
 func (c *countingWriter) Write(p []byte) (int, error) {
 	n, err := c.w.Write(p)
 	c.n.Add(int64(n))
+	if err != nil {
+		err = &DestinationError{Err: fmt.Errorf("writing the stream: %w", err)}
+	}
+	return n, err
+}
+
+// WriteBuffers writes v and consumes it: one writev when the destination can do that
+// (BuffersWriter: transport's sockets), else one write per slice.
+func (c *countingWriter) WriteBuffers(v *net.Buffers) (int64, error) {
+	var n int64
+	var err error
+	if bw, ok := c.w.(stream.BuffersWriter); ok {
+		n, err = bw.WriteBuffers(v)
+	} else {
+		n, err = v.WriteTo(c.w)
+	}
+	c.n.Add(n)
 	if err != nil {
 		err = &DestinationError{Err: fmt.Errorf("writing the stream: %w", err)}
 	}

@@ -3,7 +3,6 @@ package savevm
 import (
 	"encoding/binary"
 	"fmt"
-	"io"
 	"net"
 	"sync"
 	"time"
@@ -24,7 +23,7 @@ import (
 type passOutput struct {
 	r  *Relay
 	rd *stream.Reader
-	w  io.Writer // the destination, counting
+	w  *countingWriter // the destination
 
 	iov      net.Buffers
 	pending  int64 // bytes in iov
@@ -261,7 +260,8 @@ func (o *passOutput) flushLocked() {
 	if o.err != nil || len(o.iov) == 0 {
 		return
 	}
-	n, err := o.iov.WriteTo(o.w)
+	v := o.iov // WriteBuffers consumes v; o.iov keeps its array
+	n, err := o.w.WriteBuffers(&v)
 	o.produced += n
 	o.pending = 0
 	o.iov = o.iov[:0]

@@ -3,6 +3,8 @@ package savevm
 import (
 	"bytes"
 	"errors"
+	"net"
+	"sync/atomic"
 	"testing"
 
 	"github.com/qemu-migrate-go/qemu-migrate-go/stream"
@@ -66,4 +68,47 @@ func TestAsyncSinkError(t *testing.T) {
 		t.Fatalf("error %v, want %v", err, errFull)
 	}
 	sink.Close()
+}
+
+// vectorSink is a destination that takes slices in one call, as transport's sockets do.
+type vectorSink struct {
+	bytes.Buffer
+	calls int
+	fail  error
+}
+
+func (v *vectorSink) WriteBuffers(b *net.Buffers) (int64, error) {
+	v.calls++
+	if v.fail != nil {
+		return 0, v.fail
+	}
+	return b.WriteTo(&v.Buffer)
+}
+
+// TestCountingWriterBuffers checks that the relay's output hands its queued slices to a
+// destination that takes them in one call (writev), counts them, and says a failure is the
+// destination's.
+func TestCountingWriterBuffers(t *testing.T) {
+	var n atomic.Int64
+	sink := &vectorSink{}
+	cw := &countingWriter{w: sink, n: &n}
+	v := net.Buffers{[]byte("abc"), []byte("defg"), []byte("h")}
+	if m, err := cw.WriteBuffers(&v); err != nil || m != 8 {
+		t.Fatalf("WriteBuffers: %d, %v", m, err)
+	}
+	if sink.calls != 1 || sink.String() != "abcdefgh" || n.Load() != 8 {
+		t.Errorf("%d calls, %q, counted %d: want 1 call, all 8 bytes counted", sink.calls, sink.String(), n.Load())
+	}
+	var plain bytes.Buffer // no WriteBuffers: one write per slice, the same bytes
+	cw = &countingWriter{w: &plain, n: &n}
+	v = net.Buffers{[]byte("ij"), []byte("k")}
+	if m, err := cw.WriteBuffers(&v); err != nil || m != 3 || plain.String() != "ijk" || n.Load() != 11 {
+		t.Errorf("plain writer: %d, %v, %q, counted %d", m, err, plain.String(), n.Load())
+	}
+	cw = &countingWriter{w: &vectorSink{fail: errors.New("reset")}, n: &n}
+	v = net.Buffers{[]byte("x")}
+	var de *DestinationError
+	if _, err := cw.WriteBuffers(&v); !errors.As(err, &de) {
+		t.Errorf("a failed writev gave %v, want a *DestinationError", err)
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 )
 
 // Multifd wire constants (stream-format.md §4.1).
@@ -405,6 +406,7 @@ type MultifdWriter struct {
 	w      io.Writer
 	layout MultifdLayout
 	buf    []byte
+	iov    net.Buffers // WritePacket's header and data (BuffersWriter)
 	off    int64
 }
 
@@ -428,7 +430,8 @@ func (w *MultifdWriter) WriteHello(h *MultifdHello) error {
 	return w.write(w.buf)
 }
 
-// WritePacket writes p (header and Data) in the writer's layout; see AppendMultifdPacket.
+// WritePacket writes p (header and Data) in the writer's layout; see AppendMultifdPacket. To a
+// BuffersWriter both go in one call (writev), else in two writes.
 func (w *MultifdWriter) WritePacket(p *MultifdPacket) error {
 	data := p.Data
 	var err error
@@ -439,6 +442,13 @@ func (w *MultifdWriter) WritePacket(p *MultifdPacket) error {
 		}
 		return err
 	}
+	if bw, ok := w.w.(BuffersWriter); ok && len(data) > 0 {
+		w.iov = append(w.iov[:0], w.buf, data)
+		v := w.iov
+		n, err := bw.WriteBuffers(&v)
+		w.off += n
+		return err
+	}
 	if err := w.write(w.buf); err != nil {
 		return err
 	}
@@ -446,4 +456,10 @@ func (w *MultifdWriter) WritePacket(p *MultifdPacket) error {
 		return nil
 	}
 	return w.write(data)
+}
+
+// BuffersWriter is a writer that takes several slices in one call (writev on a socket) and
+// consumes v as net.Buffers.WriteTo does.
+type BuffersWriter interface {
+	WriteBuffers(v *net.Buffers) (int64, error)
 }

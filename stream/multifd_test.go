@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"net"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -107,6 +108,12 @@ func TestMultifdRoundTrip(t *testing.T) {
 		var out bytes.Buffer
 		w2 := NewMultifdWriter(&out, l)
 		_ = w2.WriteHello(h2)
+		// The same packets again to a writer that takes slices (a socket's writev): one call
+		// per packet with a payload, and the same bytes.
+		vw := &vectorRecorder{}
+		w3 := NewMultifdWriter(vw, l)
+		_ = w3.WriteHello(h2)
+		vectored := 0
 		for i := 0; ; i++ {
 			p, err := r.Next()
 			if err == io.EOF {
@@ -124,9 +131,19 @@ func TestMultifdRoundTrip(t *testing.T) {
 			if err := w2.WritePacket(p); err != nil {
 				t.Fatal(err)
 			}
+			if err := w3.WritePacket(p); err != nil {
+				t.Fatal(err)
+			}
+			if len(p.Data) > 0 {
+				vectored++
+			}
 		}
 		if !bytes.Equal(out.Bytes(), data) {
 			t.Errorf("%v: re-encoding differs", l)
+		}
+		if !bytes.Equal(vw.b.Bytes(), data) || vw.calls != vectored || w3.Offset() != int64(len(data)) {
+			t.Errorf("%v: vectored re-encoding: %d bytes (want %d) in %d WriteBuffers calls (want %d), offset %d",
+				l, vw.b.Len(), len(data), vw.calls, vectored, w3.Offset())
 		}
 	}
 }
@@ -335,4 +352,17 @@ func FuzzMultifd(f *testing.F) {
 			}
 		}
 	})
+}
+
+// vectorRecorder is a BuffersWriter that keeps what it was given and counts the calls.
+type vectorRecorder struct {
+	b     bytes.Buffer
+	calls int
+}
+
+func (v *vectorRecorder) Write(p []byte) (int, error) { return v.b.Write(p) }
+
+func (v *vectorRecorder) WriteBuffers(bufs *net.Buffers) (int64, error) {
+	v.calls++
+	return bufs.WriteTo(&v.b)
 }

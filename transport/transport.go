@@ -138,6 +138,10 @@ func Open(ctx context.Context, u URI) (Conn, error) {
 
 type sockConn struct{ net.Conn }
 
+// WriteBuffers writes v with one writev (net.Buffers finds writev only on the socket's own
+// type, not through this wrapper) and consumes it.
+func (c *sockConn) WriteBuffers(v *net.Buffers) (int64, error) { return v.WriteTo(c.Conn) }
+
 func (c *sockConn) Close() error {
 	type closeWriter interface{ CloseWrite() error }
 	if cw, ok := c.Conn.(closeWriter); ok {

@@ -201,3 +201,42 @@ func unixPair() (net.Conn, net.Conn, error) {
 	b, err := net.FileConn(os.NewFile(uintptr(fds[1]), "b"))
 	return a, b, err
 }
+
+// TestWriteBuffersOneCall checks that a socket destination takes several slices in one system
+// call (writev): on a SOCK_SEQPACKET socket every call is one message, so the reader gets all
+// slices in its first read. Written one by one (net.Buffers through the wrapper), the first read
+// would hold only the first slice.
+func TestWriteBuffersOneCall(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "seq.sock")
+	l, err := net.Listen("unixpacket", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	got := make(chan []byte, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			got <- nil
+			return
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		b := make([]byte, 64)
+		n, _ := c.Read(b)
+		got <- b[:n]
+	}()
+	nc, err := net.Dial("unixpacket", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &sockConn{nc}
+	defer c.Close()
+	v := net.Buffers{[]byte("header|"), []byte("page data|"), []byte("footer")}
+	if n, err := c.WriteBuffers(&v); err != nil || n != 23 || len(v) != 0 {
+		t.Fatalf("WriteBuffers: %d, %v, %d slices left", n, err, len(v))
+	}
+	if b := <-got; string(b) != "header|page data|footer" {
+		t.Errorf("first message %q: the slices did not go in one call", b)
+	}
+}
