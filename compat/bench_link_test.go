@@ -271,6 +271,7 @@ func linkBenchRun(t *testing.T, p *NetPair, pki *TestPKI, q QEMU, g benchLinkGue
 	migrateCtx := func() (context.Context, context.CancelFunc) { return context.WithTimeout(ctx, 3*time.Minute) }
 	srcCfg := g.config(t, VMConfig{Name: "src", QEMU: q, MemMiB: g.memMiB})
 	dstCfg := g.config(t, VMConfig{Name: "dst", QEMU: q, MemMiB: g.memMiB})
+	dstCfg.Extra = append(dstCfg.Extra, benchDestinationRAM...) // first touches before the clock, as in TestBenchRelay
 	var run benchLinkRun
 	switch mode {
 	case string(ModeDirect), string(ModeQEMUTLS), string(ModeMultifdZstd):
