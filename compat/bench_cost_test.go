@@ -35,7 +35,7 @@ func relayCost(t *testing.T, q QEMU, g guestCase, paused, strace bool, profile s
 	port, _ := FreePort()
 	uri := fmt.Sprintf("tcp:127.0.0.1:%d", port)
 	src := StartVM(t, VMConfig{Name: "src", QEMU: q, MemMiB: g.memMiB, Disk: disk})
-	dst := StartVM(t, VMConfig{Name: "dst", QEMU: q, MemMiB: g.memMiB, Disk: disk, Incoming: uri})
+	dst := StartVM(t, VMConfig{Name: "dst", QEMU: q, MemMiB: g.memMiB, Disk: disk, Incoming: uri, Extra: benchDestinationRAM})
 	if g.name == "fill" {
 		if err := src.WaitSerial(ctx, "F", func(s string) bool { return strings.Contains(s, "F") }); err != nil {
 			t.Fatal(err)
