@@ -332,6 +332,9 @@ func TestPolicySwitchesMidPass(t *testing.T) {
 			if sum.DowntimeMs > 4500 {
 				t.Errorf("downtime %d ms with a 3 s budget", sum.DowntimeMs)
 			}
+			if sum.Switchover != "qemu" {
+				t.Errorf("the summary says the switchover was decided by %q: QEMU's own rule made it, mid-pass", sum.Switchover)
+			}
 			if _, err := dst.WaitStatus(ctx, "paused"); err != nil {
 				t.Fatal(err)
 			}

@@ -198,6 +198,12 @@ func (p *Page) rows(run *Run) {
 			qd = "— (not read)"
 		}
 		add("downtime (the source QEMU's own figure)", "qemu_downtime_ms", s.QEMUDowntimeMs, qd)
+		switch s.Switchover {
+		case "policy":
+			p.Rows = append(p.Rows, Row{Name: "switchover decided by", Text: "the sidecar's policy (see its policy event)", Key: "switchover", Value: s.Switchover})
+		case "qemu":
+			p.Rows = append(p.Rows, Row{Name: "switchover decided by", Text: "the source QEMU's own rule, within its downtime-limit", Key: "switchover", Value: s.Switchover})
+		}
 		add("device state tail: time", "tail_ms", s.TailMs, fmtMs(s.TailMs))
 		add("device state tail: size", "tail_bytes", s.TailBytes, fmtBytes(s.TailBytes))
 		add("iterations (passes over RAM)", "iterations", int64(s.Iterations), fmtInt(int64(s.Iterations)))

@@ -162,6 +162,12 @@ type Summary struct {
 	Rewritten int64 `json:"rewritten,omitempty"`
 	// PausedByPolicy is true when --timeout-action pause stopped the guest.
 	PausedByPolicy bool `json:"paused_by_policy,omitempty"`
+	// Switchover says who decided when the guest stopped: "policy" when the sidecar's decision
+	// (release, force or pause: a "policy" event) came before the guest stopped, "qemu" when the
+	// source QEMU stopped it by its own rule (pending RAM under its bandwidth estimate × its
+	// downtime-limit, which the relay sets to --downtime) before any decision. Empty when the
+	// guest never stopped for a precopy switchover (postcopy, a failed migration).
+	Switchover string `json:"switchover,omitempty"`
 	// Link is what the link did (migrations over qmg://; receive reports its own side).
 	Link *LinkSummary `json:"link,omitempty"`
 	// Postcopy is what postcopy did (--postcopy).
@@ -231,6 +237,7 @@ type Relay struct {
 	deliveredAt time.Time // the destination had the complete stream
 	iteration   int
 	pausedByPol bool
+	decidedAt   time.Time // when the policy released, forced or paused (zero: it never did)
 }
 
 // NewRelay prepares a relay from src (the source QEMU's migration connection) to dst. ctl
@@ -415,12 +422,18 @@ func (r *Relay) Run(ctx context.Context) (Summary, error) {
 		sum.Postcopy.Recoveries = r.resumes
 	}
 	sum.PausedByPolicy = r.pausedByPol
-	stoppedAt := r.stoppedAt
+	stoppedAt, decidedAt := r.stoppedAt, r.decidedAt
 	r.mu.Unlock()
 	sum.BytesIn, sum.BytesOut = r.bytesIn.Load(), r.transferred()
 	sum.TotalTimeMs = time.Since(r.firstStart).Milliseconds() // a resumed relay counts from the first start
 	if err != nil {
 		return sum, err // the caller reports the phase (Relay.Phase)
+	}
+	if !stoppedAt.IsZero() && (sum.Postcopy == nil || !sum.Postcopy.Started) {
+		sum.Switchover = "qemu"
+		if !decidedAt.IsZero() && !decidedAt.After(stoppedAt) {
+			sum.Switchover = "policy"
+		}
 	}
 	if !stoppedAt.IsZero() && !r.deliveredAt.IsZero() {
 		sum.DowntimeMs = r.deliveredAt.Sub(stoppedAt).Milliseconds()
@@ -658,6 +671,11 @@ func (r *Relay) policyLoop(ctx context.Context, start time.Time, pumpDone <-chan
 		case release, force, pauseVM:
 			r.emit(Event{Type: "policy", Time: now, Phase: r.Phase(), Decision: d.String(), Message: why,
 				DowntimeBudgetMs: p.Downtime.Milliseconds(), ExpectedDowntimeMs: ev.ExpectedDowntimeMs})
+			r.mu.Lock()
+			if r.decidedAt.IsZero() {
+				r.decidedAt = time.Now()
+			}
+			r.mu.Unlock()
 			if d == pauseVM {
 				qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 				err := r.ctl.Stop(qctx)

@@ -158,6 +158,12 @@ func printSummary(s savevm.Summary) {
 	fmt.Fprintf(os.Stderr, "migrated: total %v, downtime %v (QEMU: %v; device state %d KiB in %v), %s sent, %d pages + %d zero pages, %d iterations, sidecar peak RSS %s; source is paused in postmigrate\n",
 		ms(s.TotalTimeMs), ms(s.DowntimeMs), ms(s.QEMUDowntimeMs), s.TailBytes>>10, ms(s.TailMs),
 		human(s.BytesOut), s.NormalPages, s.ZeroPages, s.Iterations, human(s.PeakRSSBytes))
+	switch s.Switchover {
+	case "policy":
+		fmt.Fprintf(os.Stderr, "switchover: decided by the sidecar's policy\n")
+	case "qemu":
+		fmt.Fprintf(os.Stderr, "switchover: decided by the source QEMU's own rule (its downtime-limit, set to --downtime)\n")
+	}
 	if v := s.Verify; v != nil && v.Equal {
 		fmt.Fprintf(os.Stderr, "verified: %d pages of %d RAM blocks equal before the destination ran (%v more downtime)\n", v.Pages, v.Blocks, ms(v.DurationMs))
 	}
