@@ -198,11 +198,8 @@ func (p *Page) rows(run *Run) {
 			qd = "— (not read)"
 		}
 		add("downtime (the source QEMU's own figure)", "qemu_downtime_ms", s.QEMUDowntimeMs, qd)
-		switch s.Switchover {
-		case "policy":
-			p.Rows = append(p.Rows, Row{Name: "switchover decided by", Text: "the sidecar's policy (see its policy event)", Key: "switchover", Value: s.Switchover})
-		case "qemu":
-			p.Rows = append(p.Rows, Row{Name: "switchover decided by", Text: "the source QEMU's own rule, within its downtime-limit", Key: "switchover", Value: s.Switchover})
+		if text, ok := switchoverBy[s.Switchover]; ok {
+			p.Rows = append(p.Rows, Row{Name: "switchover decided by", Text: text, Key: "switchover", Value: s.Switchover})
 		}
 		add("device state tail: time", "tail_ms", s.TailMs, fmtMs(s.TailMs))
 		add("device state tail: size", "tail_bytes", s.TailBytes, fmtBytes(s.TailBytes))
@@ -989,4 +986,10 @@ func sectionsChart(run *Run) *Chart {
 	}
 	c.Legend = []Legend{{"bar-live", "live section (iterated while the guest runs)"}, {"bar-device", "device state"}}
 	return c
+}
+
+// switchoverBy says in words what a summary's switchover value means.
+var switchoverBy = map[string]string{
+	"policy": "the sidecar's policy (see its policy event)",
+	"qemu":   "the source QEMU's own rule, within its downtime-limit",
 }

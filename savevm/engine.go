@@ -1034,11 +1034,7 @@ type countingWriter struct {
 
 func (c *countingWriter) Write(p []byte) (int, error) {
 	n, err := c.w.Write(p)
-	c.n.Add(int64(n))
-	if err != nil {
-		err = &DestinationError{Err: fmt.Errorf("writing the stream: %w", err)}
-	}
-	return n, err
+	return n, c.counted(int64(n), err)
 }
 
 // WriteBuffers writes v and consumes it: one writev when the destination can do that
@@ -1051,11 +1047,16 @@ func (c *countingWriter) WriteBuffers(v *net.Buffers) (int64, error) {
 	} else {
 		n, err = v.WriteTo(c.w)
 	}
+	return n, c.counted(n, err)
+}
+
+// counted adds n to the count and makes a write error the destination's.
+func (c *countingWriter) counted(n int64, err error) error {
 	c.n.Add(n)
 	if err != nil {
-		err = &DestinationError{Err: fmt.Errorf("writing the stream: %w", err)}
+		return &DestinationError{Err: fmt.Errorf("writing the stream: %w", err)}
 	}
-	return n, err
+	return nil
 }
 
 // DestinationError is a failure of the destination end of a relay: writing the stream (reset,
